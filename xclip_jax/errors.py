@@ -1,0 +1,28 @@
+"""User-facing errors: one line that names the thing and the fix, exit status 2."""
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, storage): reported as one line, exit 2."""
+
+
+def cli(main):
+    """Wrap a CLI `main(argv)`: a UserError prints one line and exits 2 (traceback only with --debug)."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in argv
+        if debug:
+            argv.remove("--debug")
+        try:
+            return main(argv)
+        except UserError as e:
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+
+    return wrapper

@@ -1,0 +1,140 @@
+"""Contrastive losses over L2-normalised embeddings (SPEC §3), all jit-compatible.
+
+Every loss takes ``zi`` [B, D] image embeddings, ``zt`` [B, D] text embeddings and ``ids`` [B]
+(equal ids mark captions of the same image) and computes in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
+MAX_LOG_SCALE = math.log(100.0)
+SIGLIP_BIAS_INIT = -10.0
+
+
+def _logits(zi, zt, temperature):
+    return jnp.matmul(zi.astype(jnp.float32), zt.astype(jnp.float32).T) / temperature
+
+
+def sigmoid_infonce(zi, zt, ids, *, temperature, bias=0.0, normalize="pairs"):
+    """Binary cross-entropy over every image–text pair (SigLIP-style).
+
+    Args:
+      zi, zt: [B, D] normalised embeddings. ids: [B] image ids.
+      temperature: τ (scalar, may be traced). bias: the additive logit bias b (0 = the original).
+      normalize: ``"pairs"`` averages over all B×B entries (the original); ``"batch"`` sums and
+        divides by B (the SigLIP paper and big_vision).
+
+    Returns:
+      The scalar loss.
+    """
+    logits_BxB = _logits(zi, zt, temperature) + bias
+    pos_BxB = (ids[:, None] == ids[None, :]).astype(jnp.float32)
+    bce_BxB = optax.sigmoid_binary_cross_entropy(logits_BxB, pos_BxB)
+    if normalize == "pairs":
+        return jnp.mean(bce_BxB)
+    if normalize == "batch":
+        return jnp.sum(bce_BxB) / zi.shape[0]
+    raise ValueError(f"normalize must be 'pairs' or 'batch', got {normalize!r}")
+
+
+def _multi_positive_ce(logits_BxB, pos_BxB):
+    targets_BxB = pos_BxB / jnp.sum(pos_BxB, axis=1, keepdims=True)
+    return -jnp.sum(targets_BxB * jax.nn.log_softmax(logits_BxB, axis=1)) / logits_BxB.shape[0]
+
+
+def softmax_infonce(zi, zt, ids, *, temperature):
+    """Symmetric multi-positive InfoNCE: every caption of the image is a positive.
+
+    Args:
+      zi, zt: [B, D] normalised embeddings. ids: [B] image ids. temperature: τ.
+
+    Returns:
+      (L_i2t + L_t2i) / 2, each the cross-entropy against the row-normalised positive mask.
+    """
+    logits_BxB = _logits(zi, zt, temperature)
+    pos_BxB = (ids[:, None] == ids[None, :]).astype(jnp.float32)
+    return 0.5 * (_multi_positive_ce(logits_BxB, pos_BxB) + _multi_positive_ce(logits_BxB.T, pos_BxB.T))
+
+
+class QueueState(NamedTuple):
+    """A FIFO ring buffer of past text embeddings (MoCo-style negatives).
+
+    Attributes:
+      emb_QxD: stored embeddings. ids_Q: their image ids. valid_Q: which slots hold an entry.
+      ptr: the next slot to write.
+    """
+
+    emb_QxD: jax.Array
+    ids_Q: jax.Array
+    valid_Q: jax.Array
+    ptr: jax.Array
+
+
+def init_queue(size: int, dim: int) -> QueueState:
+    """An empty queue of ``size`` slots of ``dim`` dims."""
+    return QueueState(
+        emb_QxD=jnp.zeros((size, dim), jnp.float32),
+        ids_Q=jnp.full((size,), -1, jnp.int32),
+        valid_Q=jnp.zeros((size,), bool),
+        ptr=jnp.zeros((), jnp.int32),
+    )
+
+
+def enqueue(queue: QueueState, emb_BxD, ids_B) -> QueueState:
+    """Write a batch into the ring after the last entry.
+
+    A batch longer than the queue keeps its last ``Q`` rows; a batch that wraps past the end writes
+    all of its rows (the first ones at the end, the rest from slot 0).
+    """
+    size = queue.emb_QxD.shape[0]
+    batch = emb_BxD.shape[0]
+    if batch > size:
+        skip = batch - size
+        emb_BxD, ids_B = emb_BxD[skip:], ids_B[skip:]
+        start = (queue.ptr + skip) % size
+    else:
+        start = queue.ptr
+    slots = (start + jnp.arange(emb_BxD.shape[0])) % size
+    return QueueState(
+        emb_QxD=queue.emb_QxD.at[slots].set(jax.lax.stop_gradient(emb_BxD).astype(jnp.float32)),
+        ids_Q=queue.ids_Q.at[slots].set(ids_B.astype(jnp.int32)),
+        valid_Q=queue.valid_Q.at[slots].set(True),
+        ptr=((queue.ptr + batch) % size).astype(jnp.int32),
+    )
+
+
+def queue_infonce(zi, zt, ids, queue: QueueState, *, temperature, mask_batch_duplicates=True):
+    """Image→text InfoNCE against the batch's texts and a queue of earlier texts.
+
+    Args:
+      zi, zt: [B, D] normalised embeddings. ids: [B] image ids. queue: the ring buffer.
+      temperature: τ.
+      mask_batch_duplicates: mask other captions of the same image in the batch instead of treating
+        them as negatives (``False`` restores the original's behaviour).
+
+    Returns:
+      ``(loss, new_queue)``: the new queue holds this batch's texts (no gradient) and ids.
+    """
+    neg_inf = jnp.finfo(jnp.float32).min
+    logits_BxB = _logits(zi, zt, temperature)
+    if mask_batch_duplicates:
+        same_BxB = (ids[:, None] == ids[None, :]) & ~jnp.eye(ids.shape[0], dtype=bool)
+        logits_BxB = jnp.where(same_BxB, neg_inf, logits_BxB)
+    logits_BxQ = _logits(zi, queue.emb_QxD, temperature)
+    drop_BxQ = (queue.ids_Q[None, :] == ids[:, None]) | ~queue.valid_Q[None, :]
+    logits_BxQ = jnp.where(drop_BxQ, neg_inf, logits_BxQ)
+    logits = jnp.concatenate([logits_BxB, logits_BxQ], axis=1)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(ids.shape[0])))
+    return loss, enqueue(queue, zt, ids)
+
+
+def temperature_from_log_scale(log_scale):
+    """τ = exp(−log_scale), with the scale clamped to at most 100."""
+    return jnp.exp(-jnp.minimum(log_scale, MAX_LOG_SCALE))
