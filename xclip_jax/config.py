@@ -249,6 +249,8 @@ class TuneConfig:
     checkpoint_dir: str = "checkpoints"
     fixed: dict = dataclasses.field(default_factory=dict)
     devices: tuple[int, ...] | None = None
+    final_epochs: int = 50
+    final_patience: int = 5
     heartbeat_interval: int = 10
     grace_period: int = 60
     trial_timeout: float | None = None

@@ -190,7 +190,7 @@ def _train_step(state: TrainState, batch: dict):
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "temperature": losses.temperature_from_log_scale(params["loss"]["log_scale"]),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue), metrics

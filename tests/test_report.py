@@ -1,0 +1,213 @@
+"""Tests for xclip_jax.report: JSON summary, importances, plots and the CLI."""
+
+import json
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from xclip_jax import report
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Small test studies trip PED-ANOVA's "too few trials per regime" advisory; expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:Some regimes:UserWarning")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _storage(tmp_path):
+    return f"sqlite:///{tmp_path}/s.db"
+
+
+def _build_study(storage, name="tune"):
+    """8 trials: conditional hidden_dim, reported steps, 2 PRUNED, 1 FAIL, 1 NaN report."""
+    study = optuna.create_study(
+        direction="maximize",
+        storage=storage,
+        study_name=name,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    outcomes = ["ok", "ok", "pruned", "ok", "ok", "fail", "pruned", "ok"]
+    for i, outcome in enumerate(outcomes):
+        t = study.ask()
+        head = t.suggest_categorical("head_type", ["linear", "mlp"])
+        lr = t.suggest_float("lr", 1e-4, 1e-1, log=True)
+        hidden = t.suggest_int("hidden_dim", 64, 512) if head == "mlp" else 0
+        r1 = 0.3 + 0.1 * math.log10(lr) * -0.1 + hidden / 5000 + 0.01 * i
+        n_steps = 1 if outcome == "pruned" else 3
+        for step in range(n_steps):
+            t.report(r1 * (step + 1) / 3, step)
+        if i == 0:
+            t.set_user_attr("note", "first")
+        if outcome == "pruned":
+            study.tell(t, state=TrialState.PRUNED)
+        elif outcome == "fail":
+            study.tell(t, state=TrialState.FAIL)
+        else:
+            study.tell(t, r1)
+    return study
+
+
+@pytest.fixture
+def study(tmp_path):
+    return _build_study(_storage(tmp_path))
+
+
+def test_trial_record_and_summary(study):
+    s = report.study_summary(study)
+    assert s["study_name"] == "tune"
+    assert s["direction"] == "MAXIMIZE"
+    assert s["n_trials"] == 8
+    assert s["counts"] == {"COMPLETE": 5, "PRUNED": 2, "FAIL": 1, "RUNNING": 0, "WAITING": 0}
+    assert s["best_trial"] == study.best_trial.number
+    assert s["best_value"] == pytest.approx(study.best_value)
+    assert s["best_params"] == study.best_params
+    rec = s["trials"][0]
+    assert rec["number"] == 0 and rec["state"] == "COMPLETE"
+    assert set(rec["intermediate_values"]) == {"0", "1", "2"}
+    assert rec["user_attrs"] == {"note": "first"}
+    assert rec["duration_seconds"] >= 0
+    assert rec["datetime_start"] and rec["datetime_complete"]
+    failed = s["trials"][5]
+    assert failed["state"] == "FAIL" and failed["value"] is None
+
+
+def test_write_report(study, tmp_path):
+    out = tmp_path / "out"
+    written = report.write_report(study, out)
+
+    summary = json.loads((out / "study_summary.json").read_text())
+    assert written["study_summary.json"] == out / "study_summary.json"
+    assert [t["number"] for t in summary["trials"]] == list(range(8))
+    by_number = {t.number: t for t in study.get_trials()}
+    for rec in summary["trials"]:
+        t = by_number[rec["number"]]
+        assert rec["state"] == t.state.name
+        assert rec["params"] == t.params  # conditional hidden_dim only where suggested
+        assert rec["intermediate_values"] == {
+            str(k): pytest.approx(v) for k, v in t.intermediate_values.items()
+        }
+    states = [t["state"] for t in summary["trials"]]
+    assert states.count("PRUNED") == 2 and states.count("FAIL") == 1
+    assert any("hidden_dim" in t["params"] for t in summary["trials"])
+    assert any("hidden_dim" not in t["params"] for t in summary["trials"])
+
+    imps = json.loads((out / "importances.json").read_text())
+    assert imps and set(imps) <= {"head_type", "lr", "hidden_dim"}
+    assert sum(imps.values()) == pytest.approx(1.0)
+    assert all(v >= 0 for v in imps.values())
+
+    assert not written.skipped
+    for name in report.PLOT_NAMES:
+        png = out / "plots" / f"{name}.png"
+        html = out / "plots" / f"{name}.html"
+        assert written[f"plots/{name}.png"] == png
+        assert written[f"plots/{name}.html"] == html
+        assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
+        assert "plotly" in html.read_text()
+    # The pages load plotly from beside them, never from a CDN (reports are read offline).
+    assert (out / "plots" / "plotly.min.js").is_file()
+    assert "cdn.plot.ly" not in (out / "plots" / "optimization_history.html").read_text()
+    assert all(p.is_file() for p in written.values())
+
+
+def test_json_is_strict_with_non_finite_values(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    t = study.ask()
+    t.suggest_float("lr", 1e-4, 1e-1, log=True)
+    t.report(float("nan"), 0)
+    t.report(float("inf"), 1)
+    t.set_user_attr("loss", float("-inf"))
+    study.tell(t, 0.5)
+    running = study.ask()  # left RUNNING, never told
+    running.suggest_float("lr", 1e-4, 1e-1, log=True)
+
+    out = tmp_path / "out"
+    report.write_report(study, out)
+    text = (out / "study_summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    rec = summary["trials"][0]
+    assert rec["intermediate_values"] == {"0": None, "1": None}
+    assert rec["user_attrs"] == {"loss": None}
+    running_rec = summary["trials"][1]
+    assert running_rec["state"] == "RUNNING"
+    assert running_rec["value"] is None and running_rec["datetime_complete"] is None
+    assert summary["counts"]["RUNNING"] == 1
+
+
+def test_single_complete_trial_skips_what_it_cannot_plot(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+
+    assert report.importances(study) == {}
+    out = tmp_path / "out"
+    written = report.write_report(study, out)
+    assert json.loads((out / "importances.json").read_text()) == {}
+    assert set(written.skipped) == {
+        "param_importances",
+        "parallel_coordinate",
+        "intermediate_values",
+    }
+    assert (out / "plots" / "optimization_history.png").is_file()
+    assert not (out / "plots" / "param_importances.png").exists()
+    assert "plots/param_importances.html" not in written
+
+
+def test_empty_study_and_constant_params(tmp_path):
+    empty = optuna.create_study()
+    written = report.write_report(empty, tmp_path / "empty")
+    assert set(written.skipped) == set(report.PLOT_NAMES)
+    summary = json.loads((tmp_path / "empty" / "study_summary.json").read_text())
+    assert summary["best_trial"] is None and summary["trials"] == []
+
+    constant = optuna.create_study()
+    for _ in range(3):
+        constant.enqueue_trial({"x": 0.5})
+    constant.optimize(lambda t: t.suggest_float("x", 0.0, 1.0) + t.number, n_trials=3)
+    assert report.importances(constant) == {}
+
+
+def test_cli_writes_report(tmp_path, capsys):
+    storage = _storage(tmp_path)
+    _build_study(storage)
+    out = tmp_path / "results"
+    assert report.main([storage, "tune", "--output-dir", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "study 'tune'" in stdout and "study_summary.json" in stdout
+    assert (out / "study_summary.json").is_file()
+    assert (out / "plots" / "parallel_coordinate.png").is_file()
+
+
+def test_cli_unknown_study_lists_available(tmp_path, capsys):
+    storage = _storage(tmp_path)
+    _build_study(storage, name="tune")
+    optuna.create_study(storage=storage, study_name="other")
+    with pytest.raises(SystemExit) as e:
+        report.main([storage, "nope", "--output-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "'nope'" in err and "other, tune" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_sqlite_file_is_not_created(tmp_path, capsys):
+    missing = tmp_path / "missing.db"
+    with pytest.raises(SystemExit) as e:
+        report.main([f"sqlite:///{missing}", "tune"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.db" in err and "does not exist" in err
+    assert not missing.exists()
+
+
+def test_cli_unreachable_storage(capsys):
+    url = "postgresql+psycopg://user:secret@127.0.0.1:1/db"
+    with pytest.raises(SystemExit) as e:
+        report.main([url, "tune"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot open storage" in err and err.count("\n") == 1
+    assert "secret" not in err  # passwords never reach the terminal / logs

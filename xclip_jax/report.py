@@ -1,0 +1,489 @@
+"""Report on an Optuna tuning study: JSON summary, parameter importances and plots.
+
+`python -m xclip_jax.report STORAGE STUDY [--output-dir optuna_results]` loads a study
+from its storage (e.g. ``sqlite:///optuna.db``) and writes::
+
+    OUTPUT_DIR/study_summary.json      every trial: state, params, value, intermediate values
+    OUTPUT_DIR/importances.json        {param: importance}, {} when it can't be computed
+    OUTPUT_DIR/plots/NAME.html         interactive plotly figure
+    OUTPUT_DIR/plots/NAME.png          static matplotlib figure
+
+for NAME in optimization_history, param_importances, parallel_coordinate and
+intermediate_values. A plot the study can't support yet (too few complete trials, no
+intermediate values) is skipped with a logged warning instead of failing the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from xclip_jax.errors import UserError, cli
+
+logger = logging.getLogger(__name__)
+
+PLOT_NAMES = (
+    "optimization_history",
+    "param_importances",
+    "parallel_coordinate",
+    "intermediate_values",
+)
+
+_STATES = (
+    TrialState.COMPLETE,
+    TrialState.PRUNED,
+    TrialState.FAIL,
+    TrialState.RUNNING,
+    TrialState.WAITING,
+)
+
+
+class Report(dict):
+    """``{relative path: Path}`` of the files written, plus ``skipped``: ``{plot name: reason}``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------- JSON
+
+
+def _jsonable(x: Any) -> Any:
+    """Return `x` as strict JSON data: non-finite floats become None, unknown types str."""
+    if x is None or isinstance(x, (bool, str, int)):
+        return x
+    if isinstance(x, float):
+        # Strict JSON has no NaN/Infinity; a diverged trial's NaN loss must not
+        # make the whole summary unreadable by other tools.
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and callable(x.tolist):
+        # numpy / jax scalars and arrays stored in user attrs.
+        try:
+            return _jsonable(x.tolist())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return _jsonable(x.item())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(x, "isoformat"):
+        return x.isoformat()
+    return str(x)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def _trial_value(t: FrozenTrial) -> float | list[float] | None:
+    # FrozenTrial.value raises on multi-objective trials; read `values` instead.
+    if t.values is None:
+        return None
+    return t.values[0] if len(t.values) == 1 else list(t.values)
+
+
+def trial_record(t: optuna.trial.FrozenTrial) -> dict:
+    """Describe one trial as JSON-ready data.
+
+    Keys: ``number``, ``state`` (e.g. ``"PRUNED"``), ``params`` (only those the trial
+    suggested, so conditional params may be absent), ``value`` (None unless COMPLETE;
+    a list for multi-objective studies), ``intermediate_values`` (``{str(step): value}``
+    in step order, str keys so the record round-trips through JSON unchanged),
+    ``datetime_start``/``datetime_complete`` (ISO 8601 or None), ``duration_seconds``
+    and ``user_attrs``. Non-finite numbers are replaced by None.
+    """
+    return _jsonable(
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "params": dict(t.params),
+            "value": _trial_value(t),
+            "intermediate_values": {
+                str(step): v for step, v in sorted(t.intermediate_values.items())
+            },
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": (
+                t.datetime_complete.isoformat() if t.datetime_complete else None
+            ),
+            "duration_seconds": t.duration.total_seconds() if t.duration is not None else None,
+            "user_attrs": dict(t.user_attrs),
+        }
+    )
+
+
+def _direction(study: optuna.Study) -> str | list[str]:
+    names = [d.name for d in study.directions]
+    return names[0] if len(names) == 1 else names
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    if len(study.directions) != 1:
+        return None  # multi-objective studies have a Pareto front, not one best trial
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+def _state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    # Every state listed, zeros included, so consumers needn't guard missing keys.
+    counts = {s.name: 0 for s in _STATES}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def study_summary(study: optuna.Study) -> dict:
+    """Summarise a study as JSON-ready data.
+
+    Keys: ``study_name``, ``direction`` (``"MAXIMIZE"``/``"MINIMIZE"``), ``n_trials``,
+    ``counts`` (trials per state: COMPLETE, PRUNED, FAIL, RUNNING, WAITING, zeros
+    included), ``best_trial`` (its number, or None when no trial completed),
+    ``best_value``, ``best_params``, ``user_attrs`` (the study's) and ``trials``
+    (:func:`trial_record` of every trial, in trial-number order).
+    """
+    trials = study.get_trials(deepcopy=False)
+    counts = _state_counts(trials)
+    best = _best_trial(study)
+    return _jsonable(
+        {
+            "study_name": study.study_name,
+            "direction": _direction(study),
+            "n_trials": len(trials),
+            "counts": counts,
+            "best_trial": best.number if best is not None else None,
+            "best_value": best.value if best is not None else None,
+            "best_params": dict(best.params) if best is not None else None,
+            "user_attrs": dict(study.user_attrs),
+            "trials": [trial_record(t) for t in sorted(trials, key=lambda t: t.number)],
+        }
+    )
+
+
+def _complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _why_no_importances(complete: list[FrozenTrial]) -> str | None:
+    """Reason importances can't be computed from `complete`, or None when they can."""
+    if len(complete) < 2:
+        return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
+    names = set().union(*(t.params for t in complete))
+    if not names:
+        return "no trial suggested any parameter"
+    for name in names:
+        # A conditional param that is present in only some trials varies too: its
+        # presence is decided by another param.
+        present = [t.params[name] for t in complete if name in t.params]
+        if len(present) < len(complete) or len({repr(v) for v in present}) > 1:
+            return None
+    return "no parameter takes more than one value across COMPLETE trials"
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Parameter importances of the COMPLETE trials, normalised to sum to 1.
+
+    Uses :func:`optuna.importance.get_param_importances` (its default evaluator, which
+    also rates conditional parameters). Returns ``{}`` rather than raising when they
+    can't be computed: fewer than 2 COMPLETE trials, no parameter varies, or the
+    evaluator fails or yields non-finite numbers.
+    """
+    reason = _why_no_importances(_complete_trials(study))
+    if reason is not None:
+        logger.info("parameter importances skipped: %s", reason)
+        return {}
+    try:
+        result = optuna.importance.get_param_importances(study)
+    except Exception as e:  # an evaluator failure must not cost the rest of the report
+        logger.warning("parameter importances could not be computed: %s", e)
+        return {}
+    result = {str(k): float(v) for k, v in result.items()}
+    if not all(math.isfinite(v) for v in result.values()):
+        logger.warning("parameter importances were not finite; skipped")
+        return {}
+    return result
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _why_no_plot(name: str, study: optuna.Study, imps: dict[str, float]) -> str | None:
+    """Reason plot `name` can't be made for `study`, or None when it can.
+
+    Optuna draws an empty figure (and logs a warning) for most of these cases; an
+    empty file is less useful than a clear note about what the study is missing.
+    """
+    complete = _complete_trials(study)
+    if len(study.directions) != 1:
+        return "multi-objective studies are not supported by this report's plots"
+    if name == "optimization_history":
+        if not complete:
+            return "no COMPLETE trial"
+    elif name == "param_importances":
+        if not imps:
+            return "parameter importances unavailable: " + (
+                _why_no_importances(complete) or "the evaluator failed"
+            )
+    elif name == "parallel_coordinate":
+        # One line across the axes says nothing about the search space, and
+        # matplotlib warns about the zero-height axis ranges it implies.
+        if len(complete) < 2:
+            return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
+        if not any(t.params for t in complete):
+            return "no trial suggested any parameter"
+    elif name == "intermediate_values":
+        if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+            return "no trial reported intermediate values (trial.report)"
+    return None
+
+
+class _Precomputed(optuna.importance.BaseImportanceEvaluator):
+    """Evaluator that hands back importances computed once by :func:`importances`."""
+
+    def __init__(self, imps: dict[str, float]):
+        self._imps = dict(imps)
+
+    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+        return {k: v for k, v in self._imps.items() if params is None or k in params}
+
+
+def _plot_kwargs(name: str, imps: dict[str, float]) -> dict:
+    # Left alone, each importance plot re-runs the evaluator: twice the cost, its
+    # warnings repeated, and numbers that could drift from importances.json.
+    return {"evaluator": _Precomputed(imps)} if name == "param_importances" else {}
+
+
+def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
+    import optuna.visualization as vis
+
+    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    # "directory" puts one plotly.min.js beside the pages: works offline (no CDN)
+    # without embedding ~4 MB of JavaScript in every page.
+    fig.write_html(str(path), include_plotlyjs="directory")
+
+
+def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
+    import optuna.visualization.matplotlib as vis_mpl
+    from matplotlib import pyplot as plt
+
+    with warnings.catch_warnings():
+        # Optuna marks every matplotlib plot experimental; the warning would be
+        # repeated for each PNG of every report and tells the reader nothing.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    fig = _figure_of(ax)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)  # figures otherwise accumulate in pyplot for the process' life
+
+
+def _figure_of(ax: Any):
+    if hasattr(ax, "figure"):
+        return ax.figure
+    # Some optuna plots return an array of Axes.
+    return next(iter(getattr(ax, "flat", ax))).figure
+
+
+def _ensure_headless_matplotlib() -> None:
+    # Optuna's matplotlib plots go through pyplot; pick the file-only Agg backend
+    # unless pyplot is already in use, in which case the caller (e.g. a notebook)
+    # chose a backend and the figures are only created and closed, never shown.
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")
+
+
+def write_report(study: optuna.Study, out_dir: str | Path) -> Report:
+    """Write the study's summary, importances and plots under `out_dir`.
+
+    Writes ``study_summary.json`` (:func:`study_summary`), ``importances.json``
+    (:func:`importances`) and, for each of :data:`PLOT_NAMES`, ``plots/NAME.html``
+    (plotly; ``plots/plotly.min.js`` beside it, so the folder works offline) and
+    ``plots/NAME.png`` (optuna.visualization.matplotlib). A plot the study can't
+    support, or whose drawing fails, is skipped with a logged warning; it never raises
+    for the study's contents.
+
+    Returns a :class:`Report`: ``{path relative to out_dir: Path}`` of every file
+    written, with ``.skipped`` = ``{plot name: reason}``.
+    """
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    report = Report()
+
+    summary_path = out_dir / "study_summary.json"
+    _write_json(summary_path, study_summary(study))
+    report["study_summary.json"] = summary_path
+
+    imps = importances(study)
+    imps_path = out_dir / "importances.json"
+    _write_json(imps_path, imps)
+    report["importances.json"] = imps_path
+
+    _ensure_headless_matplotlib()
+    writers: dict[str, Callable] = {"html": _write_html, "png": _write_png}
+    for name in PLOT_NAMES:
+        reason = _why_no_plot(name, study, imps)
+        if reason is not None:
+            report.skipped[name] = reason
+            logger.warning("plot %s skipped: %s", name, reason)
+            continue
+        for ext, writer in writers.items():
+            path = plots_dir / f"{name}.{ext}"
+            try:
+                writer(name, study, imps, path)
+            except Exception as e:  # one broken plot must not lose the others
+                key = f"{name}.{ext}"
+                report.skipped[key] = f"{type(e).__name__}: {e}"
+                logger.warning("plot %s skipped: %s: %s", key, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+                continue
+            report[f"plots/{path.name}"] = path
+    js = plots_dir / "plotly.min.js"
+    if js.exists() and any(k.endswith(".html") for k in report):
+        report["plots/plotly.min.js"] = js
+    return report
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _redacted(url: str) -> str:
+    """`url` with any password masked, for error messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open an existing RDB storage, or raise UserError naming it and the fix."""
+    shown = _redacted(url)
+    if "://" not in url:
+        hint = f"; for a SQLite file use sqlite:///{url}" if Path(url).exists() else ""
+        raise UserError(
+            f"storage {url!r} is not a database URL (e.g. sqlite:///optuna.db or "
+            f"postgresql+psycopg://user@host/db){hint}"
+        )
+    if url.startswith("sqlite:///"):
+        # SQLAlchemy would silently create an empty database at a mistyped path.
+        db = url[len("sqlite:///") :].split("?", 1)[0]
+        if db not in ("", ":memory:") and not Path(db).is_file():
+            raise UserError(
+                f"storage {shown!r}: SQLite file {db!r} does not exist; pass the "
+                f"database the tuner wrote (its --storage)"
+            )
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # driver missing, bad URL, server down, old schema, ...
+        raise UserError(
+            f"cannot open storage {shown!r}: {_first_line(e)}; check the URL and that "
+            f"the database is reachable"
+        ) from e
+
+
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Load `study_name` from `storage_url`; UserError (listing the studies there) if absent."""
+    storage = _open_storage(storage_url)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:
+        raise UserError(
+            f"cannot read studies from storage {_redacted(storage_url)!r}: {_first_line(e)}"
+        ) from e
+    if study_name not in names:
+        where = f"storage {_redacted(storage_url)!r}"
+        if names:
+            listed = ", ".join(sorted(names))
+            raise UserError(
+                f"study {study_name!r} not found in {where}; available studies: {listed}"
+            )
+        raise UserError(
+            f"study {study_name!r} not found: {where} holds no studies; run the tuner "
+            f"with this storage first, or check the URL"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m xclip_jax.report",
+        description="Write a JSON summary, parameter importances and plots of an Optuna study.",
+    )
+    p.add_argument("storage", metavar="STORAGE", help="storage URL, e.g. sqlite:///optuna.db")
+    p.add_argument("study", metavar="STUDY", help="study name")
+    p.add_argument(
+        "--output-dir",
+        default="optuna_results",
+        help="where to write the report (default: %(default)s)",
+    )
+    return p
+
+
+def _summary_line(study: optuna.Study) -> str:
+    counts = _state_counts(study.get_trials(deepcopy=False))
+    parts = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+    best = _best_trial(study)
+    best_text = (
+        f"best trial {best.number}: {best.value:.6g}" if best is not None else "no best trial"
+    )
+    return f"study {study.study_name!r}: {parts or 'no trials'}; {best_text}"
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``python -m xclip_jax.report STORAGE STUDY [--output-dir DIR]``.
+
+    Loads the study, calls :func:`write_report` and prints each file written and each
+    plot skipped. Returns 0; a missing study or unreachable storage is a UserError
+    (one line on stderr, exit status 2).
+    """
+    args = _parser().parse_args(argv)
+    study = load_study(args.storage, args.study)
+    try:
+        report = write_report(study, args.output_dir)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the report to {args.output_dir!r}: {_first_line(e)}; pass a "
+            f"writable --output-dir"
+        ) from e
+    print(_summary_line(study))
+    for path in report.values():
+        print(f"wrote {path}")
+    for name, reason in report.skipped.items():
+        print(f"skipped {name}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    # `main` is already wrapped by `cli`; wrapping it again would swallow --debug.
+    raise SystemExit(main())

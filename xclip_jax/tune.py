@@ -1,0 +1,405 @@
+"""The tuning driver: ``python -m xclip_jax.tune CONFIG [overrides]``.
+
+It asks Optuna for trials and runs each in its own process (``xclip_jax.trial``), at most
+``n_jobs`` at once, sharing the card (no preallocation) and a persistent compilation cache. It
+keeps the trials' heartbeats, records crashed or killed trials as FAIL with their reason, fails
+stale trials of lost drivers (their parameters are retried once), stops cleanly on Ctrl-C, and
+writes the study's outputs. Rerunning the same command resumes toward ``n_trials``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xclip_jax.errors import UserError, cli
+
+log = logging.getLogger("xclip_jax.tune")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _exit_reason(rc: int, log_path: Path) -> str:
+    last = _last_line(log_path)
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        why = f"killed by {name}"
+        if -rc == signal.SIGKILL:
+            why += " (out of memory, or killed by hand)"
+        return f"{why}; last output: {last}" if last else why
+    return f"exit status {rc}: {last}" if last else f"exit status {rc}"
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any trial when an output folder can't be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{directory}: not writable ({e.strerror}); choose another output_dir/checkpoint_dir "
+                        "or fix its permissions") from None
+
+
+@dataclasses.dataclass
+class Running:
+    proc: subprocess.Popen
+    trial_id: int
+    number: int
+    log_path: Path
+    started: float
+
+
+class Driver:
+    """Launches and watches trial processes for one study on this machine."""
+
+    def __init__(self, cfg, *, progress: bool = True):
+        import optuna
+
+        from xclip_jax import study as st
+
+        self.cfg = cfg
+        self.st = st
+        self.out = Path(cfg.output_dir)
+        self.progress = progress
+        self.storage = st.make_storage(cfg.storage, cfg, heartbeat=True)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            self.study = optuna.create_study(study_name=cfg.study_name, storage=self.storage,
+                                             sampler=st.make_sampler(cfg), pruner=st.make_pruner(cfg),
+                                             direction="maximize", load_if_exists=True)
+        except Exception as e:
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"storage {cfg.storage}: cannot open study {cfg.study_name!r} "
+                            f"({str(e).splitlines()[0]}); check the storage URL") from None
+        st.check_space(self.study, cfg)
+        self.running: dict[int, Running] = {}
+        self.host = socket.gethostname()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Validate and cache the data, write the resolved config: all before any trial starts."""
+        from xclip_jax.config import dump_yaml
+        from xclip_jax.train import load_sets
+
+        for folder in (self.out, Path(self.cfg.checkpoint_dir)):
+            check_writable(folder)
+        self.cache_dir = self.st.data_cache_dir(self.cfg, self.out / "data_cache")
+        if not (self.cache_dir / "done").exists():
+            sets = load_sets(self.cfg, splits=("train", "val"))
+            self._check_batch_sizes(sets["train"].rows)
+            self.st.write_cache(sets, self.cache_dir)
+        else:
+            import numpy as np
+
+            rows = np.load(self.cache_dir / "train_text.npy", mmap_mode="r").shape[0]
+            self._check_batch_sizes(rows)
+        self.config_path = self.out / "tune_config.yaml"
+        dump_yaml(self.cfg, self.config_path, header="# the resolved tuning config that trial processes read\n")
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.jax_cache = os.environ.get("XCLIP_JAX_CACHE", str(Path.home() / ".cache" / "xclip_jax" / "jax"))
+
+    def _check_batch_sizes(self, rows: int) -> None:
+        space = self.cfg.search_space.get("batch_size")
+        sizes = list(space.choices or [space.high]) if space is not None else []
+        if "batch_size" in self.cfg.fixed:
+            sizes.append(self.cfg.fixed["batch_size"])
+        too_big = [b for b in sizes if b > rows]
+        if too_big:
+            raise UserError(f"batch_size {too_big} larger than the training set ({rows} rows); "
+                            "remove those choices or use a larger training set")
+
+    # -- trials ------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        from optuna.trial import TrialState
+
+        with self.st.quiet_optuna():
+            trial = self.study.ask()
+        tid = trial._trial_id
+        self.storage.record_heartbeat(tid)
+        if self.st.is_surplus(self.study, trial.number, self.cfg.n_trials):
+            # Another driver asked at the same moment and the study's total is reached.
+            self.storage.set_trial_system_attr(tid, "xclip_surplus", True)
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            return
+        self.st.sample(trial, self.cfg)
+        trial.set_user_attr("driver_host", self.host)
+        trial.set_user_attr("driver_pid", os.getpid())
+        env = dict(os.environ)
+        env.update({
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "JAX_COMPILATION_CACHE_DIR": self.jax_cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "XCLIP_SPAWN_TIME": repr(time.time()),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self.cfg.devices:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.cfg.devices[trial.number % len(self.cfg.devices)])
+        log_path = self.logs / f"trial_{trial.number:05d}.log"
+        with open(log_path, "w") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "xclip_jax.trial", str(self.config_path), str(tid), str(self.cache_dir)],
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.running[tid] = Running(proc, tid, trial.number, log_path, time.time())
+
+    def reap(self) -> list[str]:
+        """Collect finished trial processes; record FAIL for those that died without telling."""
+        from optuna.trial import TrialState
+
+        lines = []
+        for tid, r in list(self.running.items()):
+            timed_out = self.cfg.trial_timeout and time.time() - r.started > self.cfg.trial_timeout
+            if timed_out and r.proc.poll() is None:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            del self.running[tid]
+            frozen = self.storage.get_trial(tid)
+            if frozen.state == TrialState.RUNNING:
+                reason = "trial_timeout exceeded" if timed_out else _exit_reason(rc, r.log_path)
+                self.storage.set_trial_user_attr(tid, "fail_reason", reason)
+                self.study.tell(r.number, state=TrialState.FAIL, skip_if_finished=True)
+                frozen = self.storage.get_trial(tid)
+            lines.append(self.describe(frozen))
+        return lines
+
+    def describe(self, t) -> str:
+        from optuna.trial import TrialState
+
+        if t.state == TrialState.COMPLETE:
+            try:
+                best = self.study.best_trial
+                tail = f" Best is trial {best.number} with value: {best.value:.4f}."
+            except ValueError:
+                tail = ""
+            return f"Trial {t.number} finished with value: {t.value:.4f} and parameters: {t.params}.{tail}"
+        if t.state == TrialState.PRUNED:
+            last = max(t.intermediate_values) if t.intermediate_values else None
+            return f"Trial {t.number} pruned at epoch {last}."
+        return f"Trial {t.number} failed: {t.user_attrs.get('fail_reason', 'unknown reason')}"
+
+    def housekeeping(self) -> None:
+        """Heartbeats for our trials; fail trials of dead drivers (stale, or dead on this host)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        for tid in self.running:
+            self.storage.record_heartbeat(tid)
+        with self.st.quiet_optuna():
+            optuna.storages.fail_stale_trials(self.study)
+        retry = self.st.retry_callback()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in self.running:
+                continue
+            attrs = t.user_attrs
+            if attrs.get("driver_host") == self.host and "driver_pid" in attrs and not _pid_alive(attrs["driver_pid"]):
+                self._fail_and_retry(t, "driver died", retry)
+
+    def _fail_and_retry(self, t, reason: str, retry) -> None:
+        from optuna.trial import TrialState
+
+        self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        retry(self.study, self.storage.get_trial(t._trial_id))
+
+    def interrupt(self) -> None:
+        """Ctrl-C: end running trials within seconds, record them, queue their params again."""
+        from optuna.trial import TrialState
+
+        for r in self.running.values():
+            if r.proc.poll() is None:
+                os.killpg(r.proc.pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        for r in self.running.values():
+            try:
+                r.proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+        retry = self.st.retry_callback()
+        for tid in self.running:
+            t = self.storage.get_trial(tid)
+            if t.state == TrialState.RUNNING:
+                self._fail_and_retry(t, "interrupted (Ctrl-C); its parameters run again on resume", retry)
+        self.running.clear()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = time.time()
+        bar = tqdm(total=cfg.n_trials, desc=cfg.study_name, unit="trial", disable=not self.progress,
+                   initial=min(self.st.counts(self.study)["finished"], cfg.n_trials))
+        last_beat = 0.0
+        interrupted = False
+        try:
+            while True:
+                for line in self.reap():
+                    tqdm.write(line)
+                now = time.time()
+                if now - last_beat >= min(cfg.heartbeat_interval, 2):
+                    self.housekeeping()
+                    last_beat = now
+                c = self.st.counts(self.study)
+                bar.n = min(c["finished"], cfg.n_trials)
+                bar.set_postfix(running=c["running"], pruned=c["pruned"], failed=c["fail"], best=self._best(),
+                                refresh=False)
+                bar.refresh()
+                out_of_time = cfg.timeout is not None and now - start > cfg.timeout
+                budget_left = c["finished"] + c["running"] < cfg.n_trials
+                if not out_of_time and budget_left and len(self.running) < cfg.n_jobs:
+                    self.launch()
+                    continue
+                if not self.running and (out_of_time or not budget_left):
+                    if c["running"] == 0 or out_of_time:
+                        break
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+            tqdm.write("interrupted: stopping running trials (they will run again on resume)")
+            self.interrupt()
+        finally:
+            bar.close()
+        outputs = write_outputs(self.study, cfg)
+        c = self.st.counts(self.study)
+        return {"interrupted": interrupted, "counts": c, "wall_seconds": time.time() - start, "outputs": outputs}
+
+    def _best(self) -> str:
+        try:
+            return f"{self.study.best_value:.4f}"
+        except ValueError:
+            return "-"
+
+
+def best_train_config(cfg, trial):
+    """The complete training config of the best trial, for a full run on the full data."""
+    from xclip_jax.config import trial_config
+
+    tc = trial_config(cfg, trial.params, trial_number=trial.number, experiment_name=f"{cfg.study_name}_best")
+    data = cfg.data
+    if data.synthetic is None:
+        # The study tuned on the tuning subset; the final run trains on the full train split.
+        changes = {}
+        for part in ("image_embeddings", "text_embeddings", "metadata"):
+            name = getattr(data, f"train_{part}")
+            full = name.replace("train_tuning_", "train_")
+            if full != name and (Path(cfg.base_data_dir) / full).exists():
+                changes[f"train_{part}"] = full
+        if len(changes) == 3:
+            tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
+    training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
+    return dataclasses.replace(tc, training=training, output_dir="outputs")
+
+
+def write_outputs(study, cfg) -> dict:
+    """best_config.yaml, best_results.json and the report (summary, importances, plots)."""
+    from xclip_jax import report
+    from xclip_jax.config import dump_yaml
+    from xclip_jax.study import counts
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = report.write_report(study, out)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return written
+    tc = best_train_config(cfg, best)
+    header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
+              f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
+    dump_yaml(tc, out / "best_config.yaml", header=header)
+    results = {
+        "study_name": cfg.study_name,
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "user_attrs": best.user_attrs,
+        "checkpoint": str(Path(cfg.checkpoint_dir) / f"{best.number:05d}"),
+        "counts": counts(study),
+    }
+    (out / "best_results.json").write_text(json.dumps(results, indent=2, default=str))
+    written["best_config"] = out / "best_config.yaml"
+    written["best_results"] = out / "best_results.json"
+    return written
+
+
+def run_study(cfg, *, progress: bool = True) -> dict:
+    """Run (or resume) the study of a typed TuneConfig; returns counts, wall time and outputs."""
+    from xclip_jax.study import pruning_warning
+
+    warning = pruning_warning(cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    driver = Driver(cfg, progress=progress)
+    driver.prepare()
+    return driver.run()
+
+
+def main(argv=None):
+    """``python -m xclip_jax.tune CONFIG [--storage URL] [--study-name N] [--n-trials N] …``."""
+    import argparse
+
+    from xclip_jax.config import ConfigError, load_tune_config, validate_tune
+
+    parser = argparse.ArgumentParser(prog="python -m xclip_jax.tune", description="Run or resume a tuning study.")
+    parser.add_argument("config", help="tuning YAML (the original's keys are accepted)")
+    parser.add_argument("--storage")
+    parser.add_argument("--study-name")
+    parser.add_argument("--n-trials", type=int)
+    parser.add_argument("--n-jobs", type=int)
+    parser.add_argument("--timeout", type=float)
+    parser.add_argument("--output-dir")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = load_tune_config(args.config)
+    overrides = {k: v for k, v in {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
+                                   "n_jobs": args.n_jobs, "timeout": args.timeout,
+                                   "output_dir": args.output_dir}.items() if v is not None}
+    if overrides:
+        try:
+            cfg = validate_tune(dataclasses.replace(cfg, **overrides))
+        except ValueError as e:
+            raise ConfigError(f"command-line override: {e}") from None
+    result = run_study(cfg, progress=not args.no_progress)
+    c = result["counts"]
+    print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "
+          f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main)())
