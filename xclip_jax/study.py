@@ -49,7 +49,7 @@ def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = F
     kwargs = {}
     if heartbeat and cfg is not None:
         kwargs = dict(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-                      heartbeat_stale_trial_callback=retry_callback())
+                      heartbeat_stale_trial_callback=retry_once)
     try:
         with quiet_optuna():
             return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
@@ -71,10 +71,18 @@ def quiet_optuna():
         yield
 
 
-def retry_callback():
-    """Queues a failed trial's parameters again, once (marks the copy with ``failed_trial``)."""
-    with quiet_optuna():
-        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial's parameters again, unless it already was a retry.
+
+    The copy is WAITING (``study.ask`` takes it first) and carries ``failed_trial`` = the failed
+    trial's number; unlike Optuna's retry callback it does not inherit the failed trial's user
+    attributes (its pid or fail reason would be wrong for the new run).
+    """
+    if "failed_trial" in trial.system_attrs:
+        return
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
+                                              distributions=trial.distributions,
+                                              system_attrs={"failed_trial": trial.number}))
 
 
 def make_sampler(cfg: TuneConfig):

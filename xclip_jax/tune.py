@@ -219,20 +219,19 @@ class Driver:
             self.storage.record_heartbeat(tid)
         with self.st.quiet_optuna():
             optuna.storages.fail_stale_trials(self.study)
-        retry = self.st.retry_callback()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t._trial_id in self.running:
                 continue
             attrs = t.user_attrs
             if attrs.get("driver_host") == self.host and "driver_pid" in attrs and not _pid_alive(attrs["driver_pid"]):
-                self._fail_and_retry(t, "driver died", retry)
+                self._fail_and_retry(t, "driver died")
 
-    def _fail_and_retry(self, t, reason: str, retry) -> None:
+    def _fail_and_retry(self, t, reason: str) -> None:
         from optuna.trial import TrialState
 
         self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        retry(self.study, self.storage.get_trial(t._trial_id))
+        self.st.retry_once(self.study, self.storage.get_trial(t._trial_id))
 
     def interrupt(self) -> None:
         """Ctrl-C: end running trials within seconds, record them, queue their params again."""
@@ -248,11 +247,10 @@ class Driver:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
-        retry = self.st.retry_callback()
         for tid in self.running:
             t = self.storage.get_trial(tid)
             if t.state == TrialState.RUNNING:
-                self._fail_and_retry(t, "interrupted (Ctrl-C); its parameters run again on resume", retry)
+                self._fail_and_retry(t, "interrupted (Ctrl-C); its parameters run again on resume")
         self.running.clear()
 
     # -- the loop ----------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""The tuner end to end on a tiny synthetic set: processes, faults, pruning, resume, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from xclip_jax import study as st
+from xclip_jax.config import load_train_config, load_tune_config
+from xclip_jax.errors import UserError
+
+TUNE = textwrap.dedent("""\
+    study_name: tiny
+    n_trials: {n_trials}
+    n_jobs: 2
+    storage: sqlite:///{dir}/study.db
+    data:
+      synthetic: {{images: 300, captions: 5, image_dim: 16, text_dim: 24, val_images: 60, test_images: 20,
+                  noise: 0.5, seed: 0}}
+    search_space:
+      head_type: {{type: categorical, choices: [siglip, clip, mlp]}}
+      hidden_dim: {{type: categorical, choices: [16, 32]}}
+      loss_type: {{type: categorical, choices: [softmax_infonce, sigmoid_infonce]}}
+      learning_rate: {{type: float, low: 1.0e-4, high: 3.0e-2, log: true}}
+      batch_size: {{type: categorical, choices: [64, 128]}}
+    fixed: {{output_dim: 16}}
+    pruner: {{type: SuccessiveHalvingPruner, min_resource: 1, reduction_factor: 2, min_early_stopping_rate: 0}}
+    sampler: {{type: tpe, seed: 7, n_startup_trials: 4}}
+    max_epochs: 4
+    max_patience: 3
+    output_dir: {dir}/results
+    checkpoint_dir: {dir}/checkpoints
+    final_epochs: 2
+    heartbeat_interval: 1
+    grace_period: 5
+""")
+
+
+def write(tmp, n_trials=6, **patch):
+    text = TUNE.format(n_trials=n_trials, dir=tmp)
+    raw = yaml.safe_load(text)
+    raw.update(patch)
+    path = Path(tmp) / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def env(tmp):
+    e = dict(os.environ)
+    e["XCLIP_JAX_CACHE"] = str(Path(tmp) / "jax_cache")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def driver(tmp, cfg_path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", *extra],
+                            env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def load(tmp):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp}/study.db")
+
+
+def wait_for(pred, timeout=120, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_with_pid(tmp, n=1):
+    try:
+        trials = load(tmp).get_trials(states=(TrialState.RUNNING,))
+    except Exception:
+        return None
+    with_pid = [t for t in trials if "pid" in t.user_attrs]
+    return with_pid if len(with_pid) >= n else None
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """One study: n_jobs=2, one trial SIGKILLed mid-trial; then resumed to a larger n_trials."""
+    tmp = tmp_path_factory.mktemp("tune")
+    cfg_path = write(tmp, n_trials=6)
+    proc = driver(tmp, cfg_path)
+    victim = wait_for(lambda: running_with_pid(tmp), what="a running trial")[0]
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    first = load(tmp).get_trials()
+    resumed = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress",
+                              "--n-trials", "8"], env=env(tmp), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return tmp, cfg_path, victim.number, out, first, proc.pid
+
+
+def test_trials_run_in_their_own_processes(study_run):
+    tmp, _, _, _, first, driver_pid = study_run
+    pids = [t.user_attrs["pid"] for t in first if "pid" in t.user_attrs]
+    assert len(set(pids)) == len(pids) >= 6
+    assert driver_pid not in pids and os.getpid() not in pids
+    done = [t for t in first if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert all(t.user_attrs["xla_preallocate"] == "false" for t in done)
+    assert all(t.user_attrs["startup_seconds"] > 0 and t.user_attrs["compile_seconds"] > 0 for t in done)
+    assert all({"host", "jax_backend", "train_seconds", "best_epoch"} <= set(t.user_attrs) for t in done)
+
+
+def test_killed_trial_is_fail_and_the_study_goes_on(study_run):
+    _, _, victim, out, first, _ = study_run
+    t = first[victim]
+    assert t.state == TrialState.FAIL
+    assert "SIGKILL" in t.user_attrs["fail_reason"]
+    assert f"Trial {victim} failed" in out
+    finished = [t for t in first if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    assert len(finished) == 6
+    assert sum(t.state == TrialState.COMPLETE for t in first) >= 1
+
+
+def test_resume_reaches_exactly_n_trials_and_pruning_happens(study_run):
+    tmp = study_run[0]
+    trials = load(tmp).get_trials()
+    assert len(trials) == 8
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    assert any(t.state == TrialState.PRUNED for t in trials)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert all(max(t.intermediate_values) < 3 for t in pruned)  # stopped before max_epochs
+
+
+def test_seeded_trials_differ_and_are_recorded(study_run):
+    tmp = study_run[0]
+    seeds = set()
+    for t in load(tmp).get_trials():
+        cfg_file = Path(tmp) / "checkpoints" / f"{t.number:05d}" / "cfg.yaml"
+        if cfg_file.exists():
+            seeds.add(load_train_config(cfg_file).seed)
+    assert len(seeds) >= 6
+
+
+def test_outputs_exist_and_parse(study_run):
+    tmp = study_run[0]
+    res = Path(tmp) / "results"
+    summary = json.loads((res / "study_summary.json").read_text())
+    assert len(summary["trials"]) == 8
+    assert all({"number", "state", "params", "intermediate_values", "user_attrs"} <= set(t) for t in summary["trials"])
+    best = json.loads((res / "best_results.json").read_text())
+    study = load(tmp)
+    assert best["best_trial"] == study.best_trial.number
+    assert best["best_value"] == pytest.approx(study.best_value)
+    assert isinstance(json.loads((res / "importances.json").read_text()), dict)
+    assert (res / "plots" / "optimization_history.html").stat().st_size > 1000
+    assert (res / "plots" / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = Path(best["checkpoint"])
+    assert (ckpt / "cfg.yaml").exists()
+    from xclip_jax.checkpoint import restore
+
+    heads = restore(ckpt)
+    assert heads.meta["val_r1"] == pytest.approx(study.best_value)
+
+
+def test_best_config_trains_through_the_training_cli(study_run, tmp_path):
+    from xclip_jax import train
+
+    tmp = study_run[0]
+    best_cfg = Path(tmp) / "results" / "best_config.yaml"
+    cfg = load_train_config(best_cfg)
+    assert cfg.training.num_epochs == 2
+    assert train.main([str(best_cfg), "--no-progress", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / cfg.experiment_name / "metrics.json").exists()
+
+
+def test_sigint_stops_cleanly_and_resume_retries_interrupted(tmp_path):
+    cfg_path = write(tmp_path, n_trials=4)
+    proc = driver(tmp_path, cfg_path)
+    wait_for(lambda: running_with_pid(tmp_path, 2), what="two running trials")
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 130, out
+    trials = load(tmp_path).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]]
+    assert len(interrupted) >= 2
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert {t.system_attrs["failed_trial"] for t in waiting} == {t.number for t in interrupted}
+    again = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                           env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    c = st.counts(load(tmp_path))
+    assert c["finished"] == 4 and c["running"] == 0 and c["waiting"] == 0
+    retried = [t for t in load(tmp_path).get_trials() if "failed_trial" in t.system_attrs]
+    by_number = {t.number: t for t in trials}
+    for t in retried:
+        assert t.params == by_number[t.system_attrs["failed_trial"]].params
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_changed_search_space_is_one_clear_line(tmp_path):
+    cfg = load_tune_config(write(tmp_path))
+    storage = st.make_storage(cfg.storage, cfg)
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    st.check_space(study, cfg)
+    changed = load_tune_config(write(tmp_path, search_space={
+        **yaml.safe_load(TUNE.format(n_trials=1, dir=tmp_path))["search_space"],
+        "hidden_dim": {"type": "categorical", "choices": [16, 64]}}))
+    with pytest.raises(UserError) as e:
+        st.check_space(optuna.load_study(study_name="tiny", storage=storage), changed)
+    msg = str(e.value)
+    assert "hidden_dim" in msg and "[16, 32]" in msg and "[16, 64]" in msg and "new study_name" in msg
+    assert "\n" not in msg
+
+
+def test_pruner_that_never_prunes_is_warned(tmp_path):
+    cfg = load_tune_config(write(tmp_path, pruner={"type": "SuccessiveHalvingPruner", "min_resource": 2,
+                                                   "reduction_factor": 4, "min_early_stopping_rate": 1},
+                                 max_epochs=8))
+    msg = st.pruning_warning(cfg)
+    assert "= 8" in msg and "steps 0–7" in msg and "never prune" in msg
+    assert st.pruning_warning(load_tune_config(write(tmp_path))) is None
+    default = load_tune_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    assert st.pruning_warning(default) is None
+
+
+def test_conditional_parameters_follow_the_original(tmp_path):
+    cfg = load_tune_config(write(tmp_path))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        params = st.sample(trial, cfg)
+        assert ("hidden_dim" in params) == (params["head_type"] in ("clip", "mlp"))
+        study.tell(trial, 0.0)
