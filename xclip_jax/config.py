@@ -254,6 +254,7 @@ class TuneConfig:
     heartbeat_interval: int = 10
     grace_period: int = 60
     trial_timeout: float | None = None
+    trial_memory_limit_gb: float | None = None
 
     def __post_init__(self):
         _check(self.n_trials >= 1, "n_trials must be >= 1")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -48,6 +47,7 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     from xclip_jax import study as st
     from xclip_jax.config import dump_yaml, load_tune_config, trial_config
     from xclip_jax.train import TrainingDiverged, run_training
+    from xclip_jax.tune import host_name
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_tune_config(config_path)
@@ -61,7 +61,7 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dump_yaml(train_cfg, out / "cfg.yaml", header=f"# trial {number} of study {cfg.study_name}\n")
     trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("host", host_name())
     trial.set_user_attr("jax_backend", jax.default_backend())
     trial.set_user_attr("xla_preallocate", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"))
     trial.set_user_attr("checkpoint", str(out))

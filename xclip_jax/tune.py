@@ -25,6 +25,20 @@ from xclip_jax.errors import UserError, cli
 log = logging.getLogger("xclip_jax.tune")
 
 
+def host_name() -> str:
+    """This machine's name in trial attributes (``XCLIP_HOSTNAME`` overrides, e.g. in containers)."""
+    return os.environ.get("XCLIP_HOSTNAME") or socket.gethostname()
+
+
+def _limit_memory(limit_bytes: int):
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -100,7 +114,7 @@ class Driver:
                             f"({str(e).splitlines()[0]}); check the storage URL") from None
         st.check_space(self.study, cfg)
         self.running: dict[int, Running] = {}
-        self.host = socket.gethostname()
+        self.host = host_name()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -132,6 +146,10 @@ class Driver:
         sizes = list(space.choices or [space.high]) if space is not None else []
         if "batch_size" in self.cfg.fixed:
             sizes.append(self.cfg.fixed["batch_size"])
+        if not sizes:
+            from xclip_jax.config import TrainingConfig
+
+            sizes.append(TrainingConfig().batch_size)
         too_big = [b for b in sizes if b > rows]
         if too_big:
             raise UserError(f"batch_size {too_big} larger than the training set ({rows} rows); "
@@ -166,10 +184,12 @@ class Driver:
         if self.cfg.devices:
             env["CUDA_VISIBLE_DEVICES"] = str(self.cfg.devices[trial.number % len(self.cfg.devices)])
         log_path = self.logs / f"trial_{trial.number:05d}.log"
+        limit = self.cfg.trial_memory_limit_gb
         with open(log_path, "w") as fh:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "xclip_jax.trial", str(self.config_path), str(tid), str(self.cache_dir)],
-                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_limit_memory(int(limit * 2**30)) if limit else None)
         self.running[tid] = Running(proc, tid, trial.number, log_path, time.time())
 
     def reap(self) -> list[str]:

@@ -1,0 +1,173 @@
+"""Faults injected into studies: nothing stored is lost and the study can finish."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tests.test_tune import driver, env, load, running_with_pid, wait_for, write
+from xclip_jax import checkpoint
+from xclip_jax import study as st
+
+PG_URL = os.environ.get("XCLIP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _finished(tmp, storage=None, name="tiny"):
+    s = optuna.load_study(study_name=name, storage=storage or f"sqlite:///{tmp}/study.db")
+    return st.counts(s)
+
+
+def test_driver_sigkill_then_same_command_resumes(tmp_path):
+    cfg_path = write(tmp_path, n_trials=4)
+    proc = driver(tmp_path, cfg_path)
+    running = wait_for(lambda: running_with_pid(tmp_path, 1), what="a running trial")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the orphaned trial process follows its driver (parent-death signal)
+    pid = running[0].user_attrs["pid"]
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             timeout=30, what="the orphaned trial to exit")
+    before = load(tmp_path).get_trials()
+    again = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                           env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    c = _finished(tmp_path)
+    assert c["finished"] == 4 and c["running"] == 0
+    trials = load(tmp_path).get_trials()
+    # what was stored before the kill is still there, unchanged
+    for old in before:
+        if old.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            assert trials[old.number].value == old.value and trials[old.number].params == old.params
+    # the dead driver's running trials were failed (its pid gone, or heartbeat stale) and retried once
+    dead = [t for t in before if t.state == TrialState.RUNNING]
+    assert dead
+    for t in dead:
+        assert trials[t.number].state == TrialState.FAIL
+        assert [r for r in trials if r.system_attrs.get("failed_trial") == t.number and r.params == t.params]
+
+
+def test_nan_loss_ends_its_trial_with_the_reason(tmp_path):
+    cfg_path = write(tmp_path, n_trials=1, fixed={"output_dim": 16, "learning_rate": 1.0e38,
+                                                          "batch_size": 64},
+                     search_space={"head_type": {"type": "categorical", "choices": ["clip"]}})
+    out = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                         env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (t,) = load(tmp_path).get_trials()
+    assert t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"]
+
+
+def test_trial_out_of_memory_is_fail_and_study_goes_on(tmp_path):
+    cfg_path = write(tmp_path, n_trials=2, trial_memory_limit_gb=0.3, n_jobs=1)
+    out = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                         env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = load(tmp_path).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.user_attrs["fail_reason"] for t in trials)
+    assert "failed" in out.stdout
+
+
+SAVER = """
+import sys, numpy as np
+from xclip_jax import checkpoint
+big = {"w": np.full((64, 1024, 1024), float(sys.argv[2]), np.float32)}  # 256 MB: slow enough to kill
+checkpoint.save_heads(sys.argv[1], big, {"a": 1}, {"epoch": int(sys.argv[2])}, step=int(sys.argv[2]))
+"""
+
+
+def test_checkpoint_save_killed_mid_write_keeps_the_previous_best(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    subprocess.run([sys.executable, "-c", SAVER, str(ckpt), "1"], check=True)
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(ckpt), "2"])
+    wait_for(lambda: [p for p in ckpt.iterdir() if p.name != "1"] or proc.poll() is not None, timeout=60,
+             what="the second save to start writing")
+    proc.kill()
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the save finished before it could be killed")
+    assert checkpoint.latest_step(ckpt) == 1
+    params, meta = checkpoint.load_raw(ckpt)
+    assert meta["epoch"] == 1 and float(params["w"][0, 0, 0]) == 1.0
+    checkpoint.save_heads(ckpt, {"w": np.ones(3, np.float32)}, {"a": 1}, {"epoch": 3}, step=3)
+    assert checkpoint.latest_step(ckpt) == 3
+
+
+def _pg_available():
+    try:
+        import sqlalchemy as sa
+
+        with sa.create_engine(PG_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+requires_pg = pytest.mark.skipif(
+    not os.environ.get("XCLIP_REQUIRE_POSTGRES") and not _pg_available(),
+    reason=f"no PostgreSQL server answers at {PG_URL} (set XCLIP_TEST_POSTGRES)")
+
+
+@requires_pg
+def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
+    """Two 'machines' on one PostgreSQL study of 12 trials; one is lost mid-run."""
+    name = f"pg_{uuid.uuid4().hex[:8]}"
+    procs = {}
+    for machine in ("a", "b"):
+        d = tmp_path / machine
+        d.mkdir()
+        cfg_path = write(d, n_trials=12, study_name=name, storage=PG_URL, grace_period=4)
+        e = env(d)
+        e["XCLIP_HOSTNAME"] = f"machine-{machine}"
+        procs[machine] = (d, cfg_path, subprocess.Popen(
+            [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"], env=e,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+
+    def a_running():
+        try:
+            s = optuna.load_study(study_name=name, storage=PG_URL)
+        except KeyError:  # not created yet
+            return None
+        return [t for t in s.get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get("driver_host") == "machine-a" and "pid" in t.user_attrs]
+
+    lost = wait_for(a_running, timeout=180, what="machine a to run a trial")
+    os.kill(procs["a"][2].pid, signal.SIGKILL)  # machine a is lost; its trial processes follow
+    out_b, _ = procs["b"][2].communicate(timeout=900)
+    procs["a"][2].wait()
+    assert procs["b"][2].returncode == 0, out_b
+
+    study = optuna.load_study(study_name=name, storage=PG_URL)
+    trials = study.get_trials()
+    c = st.counts(study)
+    assert c["finished"] == 12 and c["running"] == 0 and c["waiting"] == 0, c
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    lost_numbers = {t.number for t in lost}
+    for t in trials:
+        if t.number in lost_numbers:
+            assert t.state == TrialState.FAIL  # stale: heartbeat stopped
+    retried = {t.system_attrs["failed_trial"]: t for t in trials if "failed_trial" in t.system_attrs}
+    assert lost_numbers <= set(retried)
+    for n, copy in retried.items():
+        assert copy.params == trials[n].params and copy.state != TrialState.RUNNING
+    ran = [t for t in trials if "pid" in t.user_attrs and not t.system_attrs.get("xclip_surplus")]
+    assert all(t.user_attrs["host"] in ("machine-a", "machine-b") for t in ran)
+    assert {t.user_attrs["host"] for t in ran} == {"machine-a", "machine-b"}
+    keys = [(t.user_attrs["host"], t.user_attrs["pid"]) for t in ran]
+    assert len(keys) == len(set(keys))  # no process ran two trials, no trial ran in two processes
+    assert len({t.number for t in trials}) == len(trials)
+    best = json.loads((procs["b"][0] / "results" / "best_results.json").read_text())
+    assert best["best_trial"] == study.best_trial.number
+    assert best["best_value"] == pytest.approx(study.best_value)
+    best_cfg = yaml.safe_load((procs["b"][0] / "results" / "best_config.yaml").read_text())
+    assert best_cfg["model"]["type"] == study.best_params["head_type"]
