@@ -1,0 +1,154 @@
+"""Bad input through the CLIs: one line naming the thing and the fix, exit status 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from tests.test_tune import TUNE
+from xclip_jax import data, train, tune
+from xclip_jax.errors import cli
+
+
+def run_cli(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(main)(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def train_yaml(tmp_path, **patch):
+    raw = {"experiment_name": "e", "output_dir": str(tmp_path / "out"), "base_data_dir": str(tmp_path / "d"),
+           "data": {f"{s}_{p}": f"{s}_{p}.npy" if p != "metadata" else f"{s}_metadata.json"
+                    for s in ("train", "val") for p in ("image_embeddings", "text_embeddings", "metadata")},
+           "model": {"type": "clip", "output_dim": 8, "hidden_dim": 8},
+           "training": {"batch_size": 16, "num_epochs": 1}}
+    for key, value in patch.items():
+        raw.setdefault(key, {})
+        if isinstance(value, dict) and isinstance(raw[key], dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    for split, n in (("train", 40), ("val", 20)):
+        img, txt, ids = data.synthesize(n // 5, 5, 8, 12, seed=1)
+        data.write_embedding_set(d, split, img, txt, ids)
+    return d
+
+
+def test_syntax_error(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  type: clip\n   output_dim: 4\n")
+    err = run_cli(train.main, [str(p)], capsys)
+    assert "line 3" in err and "bad.yaml" in err
+
+
+def test_unknown_key_and_types(tmp_path, files, capsys):
+    assert "did you mean 'dropout'" in run_cli(train.main, [str(train_yaml(tmp_path, model={"dropuot": 0.1}))], capsys)
+    assert "expected an integer" in run_cli(train.main, [str(train_yaml(tmp_path, training={"batch_size": "x"}))], capsys)
+    assert "dropout must be in [0, 1)" in run_cli(train.main, [str(train_yaml(tmp_path, model={"dropout": -0.2}))], capsys)
+    assert "unknown head type 'vit'" in run_cli(train.main, [str(train_yaml(tmp_path, model={"type": "vit"}))], capsys)
+    assert "unknown loss type 'nce'" in run_cli(train.main, [str(train_yaml(tmp_path, loss={"type": "nce"}))], capsys)
+
+
+def test_batch_larger_than_data(tmp_path, files, capsys):
+    err = run_cli(train.main, [str(train_yaml(tmp_path, training={"batch_size": 64}))], capsys)
+    assert "batch_size=64" in err and "40 rows" in err
+
+
+def test_missing_file(tmp_path, files, capsys):
+    (files / "val_text_embeddings.npy").unlink()
+    err = run_cli(train.main, [str(train_yaml(tmp_path))], capsys)
+    assert "val_text_embeddings" in err
+
+
+def test_row_mismatch(tmp_path, files, capsys):
+    np.save(files / "train_text_embeddings.npy", np.random.default_rng(0).normal(size=(39, 12)).astype(np.float32))
+    err = run_cli(train.main, [str(train_yaml(tmp_path))], capsys)
+    assert "train_text_embeddings.npy" in err and "39" in err and "40" in err
+
+
+def test_nan_rows(tmp_path, files, capsys):
+    x = np.load(files / "train_image_embeddings.npy")
+    x[7, 2] = np.nan
+    np.save(files / "train_image_embeddings.npy", x)
+    err = run_cli(train.main, [str(train_yaml(tmp_path))], capsys)
+    assert "train_image_embeddings.npy" in err and ("NaN" in err or "non-finite" in err)
+
+
+def test_ids_wrong_length(tmp_path, files, capsys):
+    meta = json.loads((files / "val_metadata.json").read_text())
+    (files / "val_metadata.json").write_text(json.dumps({"image_ids": meta["image_ids"][:-3]}))
+    err = run_cli(train.main, [str(train_yaml(tmp_path))], capsys)
+    assert "val_metadata.json" in err and "17" in err
+
+
+def tune_yaml(tmp_path, **patch):
+    raw = yaml.safe_load(TUNE.format(n_trials=1, dir=tmp_path))
+    raw.update(patch)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_storage_unreachable(tmp_path, capsys):
+    path = tune_yaml(tmp_path, storage="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
+    assert "127.0.0.1:1" in err and "unreachable" in err
+
+
+def test_changed_search_space_via_cli(tmp_path, capsys):
+    path = tune_yaml(tmp_path)
+    optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
+    from xclip_jax import study as st
+    from xclip_jax.config import load_tune_config
+
+    cfg = load_tune_config(path)
+    s = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
+    st.check_space(s, cfg)
+    raw = yaml.safe_load(path.read_text())
+    raw["search_space"]["head_type"]["choices"] = ["attention"]
+    path.write_text(yaml.safe_dump(raw))
+    err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
+    assert "head_type" in err and "attention" in err and "new study_name" in err
+
+
+def test_output_dir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = tune_yaml(tmp_path, output_dir=str(blocker / "results"))
+    err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
+    assert "not writable" in err and "results" in err
+    assert not list(tmp_path.glob("checkpoints/*"))
+
+
+def test_tune_batch_choice_larger_than_data(tmp_path, capsys):
+    raw = yaml.safe_load(TUNE.format(n_trials=1, dir=tmp_path))
+    raw["search_space"]["batch_size"]["choices"] = [64, 4096]
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
+    assert "4096" in err and "1500 rows" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {type: vit}\n")
+    out = subprocess.run([sys.executable, "-m", "xclip_jax.train", str(p), "--debug"], capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "xclip_jax.train", str(p)], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
