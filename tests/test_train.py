@@ -46,6 +46,11 @@ def test_epoch_compiles_once_per_shape(sets):
         state, metrics = run_epoch(state, d, 256)
     assert run_epoch._cache_size() == before + 1
     assert int(state.step) == 3 * (d.rows // 256)
+    # another trial's learning rate, weight decay, temperature and dropout: the same program
+    other = create_train_state(state.spec, learning_rate=1e-2, weight_decay=0.3, temperature=0.1, seed=1,
+                               dropout=0.25)
+    run_epoch(other, d, 256)
+    assert run_epoch._cache_size() == before + 1
 
 
 def test_gradient_clipping_and_frozen_loss_params(sets):

@@ -29,7 +29,8 @@ class HeadSpec:
       output_dim: size of the shared embedding space.
       hidden_dim: hidden width for clip/mlp; ``None`` means ``in_dim // 2``. Unused by siglip and
         attention (as in the original).
-      dropout: dropout rate.
+      dropout: the default dropout rate; a call's ``dropout_rate`` (possibly traced) overrides it,
+        which is how training passes it as data so that rates don't change the compiled program.
       num_heads: attention heads (attention head only).
       num_layers: attention blocks (attention head only).
       dtype: computation dtype of the matmuls (``"float32"`` or ``"bfloat16"``); params stay float32.
@@ -72,6 +73,16 @@ def torch_linear(features: int, fan_in: int, *, use_bias: bool = True, dtype: An
     )
 
 
+def dropout(module: nn.Module, x, rate, train: bool, broadcast_dims=()):
+    """Inverted dropout whose ``rate`` may be a traced scalar (unlike ``nn.Dropout``'s attribute)."""
+    if not train or (isinstance(rate, (int, float)) and rate == 0):
+        return x
+    shape = tuple(1 if i in broadcast_dims else n for i, n in enumerate(x.shape))
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
 def _layer_norm(name=None):
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
@@ -86,10 +97,11 @@ class SiglipHead(nn.Module):
     spec: HeadSpec
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, dropout_rate=None):
         in_dim = x.shape[-1]
+        rate = self.spec.dropout if dropout_rate is None else dropout_rate
         x = _layer_norm()(x)
-        x = nn.Dropout(self.spec.dropout, deterministic=not train)(x)
+        x = dropout(self, x, rate, train)
         x = torch_linear(self.spec.output_dim, in_dim, use_bias=False, dtype=jnp.dtype(self.spec.dtype),
                          kernel_init=nn.initializers.normal(stddev=in_dim ** -0.5))(x)
         return l2_normalize(x)
@@ -102,13 +114,14 @@ class ClipHead(nn.Module):
     final_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, dropout_rate=None):
         in_dim = x.shape[-1]
         hidden = self.spec.hidden_dim or in_dim // 2
         dtype = jnp.dtype(self.spec.dtype)
+        rate = self.spec.dropout if dropout_rate is None else dropout_rate
         x = torch_linear(hidden, in_dim, dtype=dtype)(x)
         x = _gelu(x)
-        x = nn.Dropout(self.spec.dropout, deterministic=not train)(x)
+        x = dropout(self, x, rate, train)
         x = torch_linear(self.spec.output_dim, hidden, dtype=dtype)(x)
         if self.final_norm:
             x = _layer_norm()(x)
@@ -126,18 +139,17 @@ class AttentionBlock(nn.Module):
     """
 
     num_heads: int
-    dropout: float
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, dropout_rate=0.0):
         dim = x.shape[-1]
         # PyTorch: in_proj_weight [3E, E] Xavier-uniform, biases 0; out_proj Linear init, bias 0.
         xavier = _uniform(math.sqrt(6.0 / (dim + 3 * dim)))
         v = torch_linear(dim, dim, dtype=self.dtype, kernel_init=xavier, bias_init=nn.initializers.zeros,
                          name="v_proj")(x)
         v_BxHxK = v.reshape(v.shape[:-1] + (self.num_heads, dim // self.num_heads))
-        v_BxHxK = nn.Dropout(self.dropout, broadcast_dims=(v_BxHxK.ndim - 1,), deterministic=not train)(v_BxHxK)
+        v_BxHxK = dropout(self, v_BxHxK, dropout_rate, train, broadcast_dims=(v_BxHxK.ndim - 1,))
         attn = torch_linear(dim, dim, dtype=self.dtype, bias_init=nn.initializers.zeros,
                             name="out_proj")(v_BxHxK.reshape(v.shape))
         return _layer_norm()(x + attn)
@@ -149,11 +161,12 @@ class AttentionHead(nn.Module):
     spec: HeadSpec
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, dropout_rate=None):
         in_dim = x.shape[-1]
         dtype = jnp.dtype(self.spec.dtype)
+        rate = self.spec.dropout if dropout_rate is None else dropout_rate
         for _ in range(self.spec.num_layers):
-            x = AttentionBlock(self.spec.num_heads, self.spec.dropout, dtype)(x, train=train)
+            x = AttentionBlock(self.spec.num_heads, dtype)(x, train=train, dropout_rate=rate)
         x = torch_linear(self.spec.output_dim, in_dim, dtype=dtype)(x)
         x = _layer_norm()(x)
         return l2_normalize(x)

@@ -77,6 +77,7 @@ class TrainState:
 
     step: jax.Array
     params: dict  # {"image", "text", "loss": {"log_scale", "bias"}}
+    dropout: jax.Array  # the rate, as data: trials differing only in it share one compiled program
     opt_state: Any
     queue: losses.QueueState | None
     rng: jax.Array
@@ -127,8 +128,10 @@ def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: fl
 
 
 def create_train_state(spec: TrainSpec, *, learning_rate: float, weight_decay: float, temperature: float,
-                       seed: int) -> TrainState:
+                       seed: int, dropout: float | None = None) -> TrainState:
     """A fresh train state: initialised heads, loss params, optimizer state, empty queue.
+
+    ``dropout`` defaults to ``spec.head.dropout``; it is kept in the state as data.
 
     Example:
       >>> spec = TrainSpec(HeadSpec("clip", 64, 128), image_dim=32, text_dim=48)
@@ -144,8 +147,9 @@ def create_train_state(spec: TrainSpec, *, learning_rate: float, weight_decay: f
     }
     tx = make_optimizer(spec, learning_rate, weight_decay)
     queue = losses.init_queue(spec.queue_size, spec.head.output_dim) if spec.loss_type == "queue_infonce" else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), queue=queue,
-                      rng=k_run, spec=spec)
+    rate = spec.head.dropout if dropout is None else dropout
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=jnp.asarray(rate, jnp.float32),
+                      opt_state=tx.init(params), queue=queue, rng=k_run, spec=spec)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -165,14 +169,16 @@ def compute_loss(spec: TrainSpec, loss_params: dict, zi, zt, ids, queue):
     raise ValueError(f"unknown loss type {spec.loss_type!r}")
 
 
-def _forward(spec: TrainSpec, params, batch, rng=None):
+def _forward(spec: TrainSpec, params, batch, rng=None, dropout_rate=0.0):
     image_head, text_head = make_heads(spec.head, spec.image_dim, spec.text_dim)
-    train = rng is not None
-    k_img, k_txt = jax.random.split(rng) if train else (None, None)
-    zi = image_head.apply({"params": params["image"]}, batch["image"], train=train,
-                          rngs={"dropout": k_img} if train else None)
-    zt = text_head.apply({"params": params["text"]}, batch["text"], train=train,
-                         rngs={"dropout": k_txt} if train else None)
+    if rng is None:
+        return (image_head.apply({"params": params["image"]}, batch["image"]),
+                text_head.apply({"params": params["text"]}, batch["text"]))
+    k_img, k_txt = jax.random.split(rng)
+    zi = image_head.apply({"params": params["image"]}, batch["image"], train=True, dropout_rate=dropout_rate,
+                          rngs={"dropout": k_img})
+    zt = text_head.apply({"params": params["text"]}, batch["text"], train=True, dropout_rate=dropout_rate,
+                         rngs={"dropout": k_txt})
     return zi, zt
 
 
@@ -181,7 +187,7 @@ def _train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        zi, zt = _forward(spec, params, batch, rng)
+        zi, zt = _forward(spec, params, batch, rng, state.dropout)
         return compute_loss(spec, params["loss"], zi, zt, batch["ids"], state.queue)
 
     (loss, queue), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -368,7 +374,8 @@ def fit(state: TrainState, train_data: DeviceData, val_data: DeviceData, *, batc
 def spec_from_config(cfg, image_dim: int, text_dim: int) -> TrainSpec:
     """The static TrainSpec of a typed TrainConfig for the given input dims."""
     m, loss, tr = cfg.model, cfg.loss, cfg.training
-    head = HeadSpec(head_type=m.type, output_dim=m.output_dim, hidden_dim=m.hidden_dim, dropout=m.dropout,
+    # dropout=0 here: the rate travels in the train state (see create_train_state), not the program.
+    head = HeadSpec(head_type=m.type, output_dim=m.output_dim, hidden_dim=m.hidden_dim, dropout=0.0,
                     num_heads=m.num_heads, num_layers=m.num_layers, dtype=tr.dtype)
     return TrainSpec(head=head, image_dim=image_dim, text_dim=text_dim, loss_type=loss.type,
                      learnable_temp=loss.learnable_temp, learnable_bias=loss.learnable_bias,
@@ -421,7 +428,7 @@ def initial_state(cfg, image_dim: int, text_dim: int) -> TrainState:
     """A fresh train state for a typed config."""
     return create_train_state(spec_from_config(cfg, image_dim, text_dim),
                               learning_rate=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay,
-                              temperature=cfg.loss.temperature, seed=cfg.seed)
+                              temperature=cfg.loss.temperature, seed=cfg.seed, dropout=cfg.model.dropout)
 
 
 def heads_metadata(cfg, sets, epoch: int, val_r1: float) -> dict:
@@ -467,6 +474,9 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
       resume: continue from ``out_dir/resume`` if present (same final result as an uninterrupted run).
       on_epoch: extra per-epoch callback (see ``fit``). sets: preloaded host sets (else loaded).
       checkpoint_dir: where the best heads go (default ``out_dir/checkpoint``).
+      write_reports: the training CLI's outputs (curves, test metrics, a resumable state and the
+        best heads after every improvement); without it (a tuning trial) the best heads are
+        written once, at the end.
 
     Returns:
       A summary dict: best_epoch, best_val_r1, stopped, epochs, data_ready_time (epoch seconds when
@@ -508,22 +518,29 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
         # `history` is fit's own list (passed in below), so it already holds this epoch's record.
         if improved:
             best_so_far.update(epoch=epoch, r1=record["val_r1"])
-            checkpoint.save_heads(ckpt_dir, state.params, cfg_dict,
-                                  heads_metadata(cfg, sets, epoch, record["val_r1"]), step=epoch)
         if write_reports:
+            # A resumable run keeps its best heads and its state on disk after every epoch.
+            if improved:
+                save_best(state.params, epoch, record["val_r1"])
             checkpoint.save_state(resume_dir, state, {"epoch": epoch, "history": history,
                                                       "best_epoch": best_so_far["epoch"],
                                                       "best_r1": best_so_far["r1"]}, step=epoch)
         return on_epoch(epoch, record, state, improved) if on_epoch else None
 
+    def save_best(params, epoch, r1):
+        checkpoint.save_heads(ckpt_dir, params, cfg_dict, heads_metadata(cfg, sets, epoch, r1), step=epoch)
+
     result = fit(state, train_data, val_data, batch_size=cfg.training.batch_size, num_epochs=cfg.training.num_epochs,
                  patience=cfg.training.patience, ks=ks, on_epoch=callback, start_epoch=start_epoch,
                  history=history, best=best, progress=progress)
+    if not write_reports and result.best_params is not None:
+        # A tuning trial writes one checkpoint, the best epoch's, when it ends (pruned ones too).
+        save_best(result.best_params, result.best_epoch, result.best_r1)
+    (out_dir / "training_history.json").write_text(json.dumps(history, indent=2))
     summary = {"best_epoch": result.best_epoch, "best_val_r1": result.best_r1, "stopped": result.stopped,
                "epochs": len(history), "data_ready_time": data_ready, "compile_seconds": result.compile_seconds,
                "train_seconds": sum(h["epoch_time"] for h in history)}
     if write_reports and result.best_params is not None:
-        (out_dir / "training_history.json").write_text(json.dumps(history, indent=2))
         plot_curves(history, result.best_epoch, out_dir / "training_curves.png")
         metrics = {"best_epoch": result.best_epoch, "best_val_r1": result.best_r1}
         spec = result.state.spec

@@ -52,7 +52,9 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_tune_config(config_path)
     storage = st.make_storage(cfg.storage, cfg)
-    study = optuna.load_study(study_name=cfg.study_name, storage=storage)
+    # The study's pruner lives in this process: load it with the configured one, not Optuna's default.
+    study = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=st.make_pruner(cfg),
+                              sampler=st.make_sampler(cfg))
     trial = optuna.trial.Trial(study, trial_id)
     number = trial.number
     params = trial.params
@@ -73,7 +75,7 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
             raise KeyboardInterrupt("driver is gone")
         trial.report(record["val_r1"], epoch)
         print(f"epoch {epoch}: loss {record['train_loss']:.4f} val_r1 {record['val_r1']:.4f}", flush=True)
-        if trial.should_prune():
+        if epoch < train_cfg.training.num_epochs - 1 and trial.should_prune():  # the last epoch saves nothing
             return "pruned"
         return None
 
