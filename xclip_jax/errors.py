@@ -24,5 +24,10 @@ def cli(main):
                 raise
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130)
 
     return wrapper
