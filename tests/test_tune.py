@@ -56,7 +56,7 @@ def write(tmp, n_trials=6, **patch):
 
 def env(tmp):
     e = dict(os.environ)
-    e["XCLIP_JAX_CACHE"] = str(Path(tmp) / "jax_cache")
+    e.setdefault("XCLIP_JAX_CACHE", str(Path(tmp) / "jax_cache"))
     e["PYTHONUNBUFFERED"] = "1"
     return e
 

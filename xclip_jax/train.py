@@ -301,7 +301,8 @@ class FitResult:
 
 def fit(state: TrainState, train_data: DeviceData, val_data: DeviceData, *, batch_size: int, num_epochs: int,
         patience: int, ks=(1, 5, 10, 50), on_epoch: Callable | None = None, start_epoch: int = 0,
-        history: list | None = None, best: tuple | None = None, progress: bool = True) -> FitResult:
+        history: list | None = None, best: tuple | None = None, progress: bool = True,
+        with_val_loss: bool = True) -> FitResult:
     """Train with early stopping on validation R@1 (the mean of i2t and t2i R@1).
 
     Args:
@@ -311,6 +312,8 @@ def fit(state: TrainState, train_data: DeviceData, val_data: DeviceData, *, batc
         epoch with that epoch's record; returning a string stops training with that reason
         (a tuning trial prunes this way). Checkpointing also hangs off this callback.
       start_epoch, history, best: where a resumed run left off (``best`` = (params, epoch, r1)).
+      with_val_loss: also compute the validation loss each epoch (one more compiled program;
+        tuning trials skip it, they prune on R@1).
 
     Returns:
       A FitResult with the best epoch's params (a copy, safe from donation) and the history.
@@ -337,7 +340,7 @@ def fit(state: TrainState, train_data: DeviceData, val_data: DeviceData, *, batc
         if not train_metrics["finite"]:
             raise TrainingDiverged(f"training loss is not finite at epoch {epoch} (lower learning_rate or temperature)")
         val_metrics = evaluate(state, state.spec, val_data, ks)
-        val_loss = float(eval_loss(state, val_data, batch_size))
+        val_loss = float(eval_loss(state, val_data, batch_size)) if with_val_loss else None
         record = {
             "epoch": epoch,
             "train_loss": float(train_metrics["loss"]),
@@ -532,7 +535,7 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
 
     result = fit(state, train_data, val_data, batch_size=cfg.training.batch_size, num_epochs=cfg.training.num_epochs,
                  patience=cfg.training.patience, ks=ks, on_epoch=callback, start_epoch=start_epoch,
-                 history=history, best=best, progress=progress)
+                 history=history, best=best, progress=progress, with_val_loss=write_reports)
     if not write_reports and result.best_params is not None:
         # A tuning trial writes one checkpoint, the best epoch's, when it ends (pruned ones too).
         save_best(result.best_params, result.best_epoch, result.best_r1)
