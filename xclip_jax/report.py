@@ -316,6 +316,14 @@ def _ensure_headless_matplotlib() -> None:
 
 
 def write_report(study: optuna.Study, out_dir: str | Path) -> Report:
+    """See :func:`_write_report`; Optuna's notes on small studies (few trials per regime, flat
+    axes) are silenced here: they are expected early in a study and say nothing actionable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _write_report(study, out_dir)
+
+
+def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     """Write the study's summary, importances and plots under `out_dir`.
 
     Writes ``study_summary.json`` (:func:`study_summary`), ``importances.json``

@@ -283,6 +283,7 @@ class Driver:
         bar = tqdm(total=cfg.n_trials, desc=cfg.study_name, unit="trial", disable=not self.progress,
                    initial=min(self.st.counts(self.study)["finished"], cfg.n_trials))
         last_beat = 0.0
+        last_shown = None
         interrupted = False
         try:
             while True:
@@ -293,10 +294,13 @@ class Driver:
                     self.housekeeping()
                     last_beat = now
                 c = self.st.counts(self.study)
-                bar.n = min(c["finished"], cfg.n_trials)
-                bar.set_postfix(running=c["running"], pruned=c["pruned"], failed=c["fail"], best=self._best(),
-                                refresh=False)
-                bar.refresh()
+                shown = (c["finished"], c["running"], c["pruned"], c["fail"])
+                if shown != last_shown:  # redraw on change only: logs stay readable
+                    last_shown = shown
+                    bar.n = min(c["finished"], cfg.n_trials)
+                    bar.set_postfix(running=c["running"], pruned=c["pruned"], failed=c["fail"], best=self._best(),
+                                    refresh=False)
+                    bar.refresh()
                 out_of_time = cfg.timeout is not None and now - start > cfg.timeout
                 budget_left = c["finished"] + c["running"] < cfg.n_trials
                 if not out_of_time and budget_left and len(self.running) < cfg.n_jobs:
