@@ -285,8 +285,15 @@ class Driver:
         last_beat = 0.0
         last_shown = None
         interrupted = False
+        stop = []
+        # Ctrl-C sets a flag the loop reads: an exception could surface inside a library callback
+        # (JAX's gc hook swallows it) and be lost.
+        previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while True:
+                if stop:
+                    raise KeyboardInterrupt
                 for line in self.reap():
                     tqdm.write(line)
                 now = time.time()
@@ -315,6 +322,8 @@ class Driver:
             tqdm.write("interrupted: stopping running trials (they will run again on resume)")
             self.interrupt()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
         outputs = write_outputs(self.study, cfg)
         c = self.st.counts(self.study)
