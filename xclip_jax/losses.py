@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
 MAX_LOG_SCALE = math.log(100.0)
@@ -35,18 +34,14 @@ def sigmoid_infonce(zi, zt, ids, *, temperature, bias=0.0, normalize="pairs"):
       The scalar loss.
     """
     logits_BxB = _logits(zi, zt, temperature) + bias
-    pos_BxB = (ids[:, None] == ids[None, :]).astype(jnp.float32)
-    bce_BxB = optax.sigmoid_binary_cross_entropy(logits_BxB, pos_BxB)
+    pos_BxB = ids[:, None] == ids[None, :]
+    # BCE(x, y) = softplus(x) − y·x: one transcendental pass over B×B instead of two log-sigmoids.
+    bce_BxB = jax.nn.softplus(logits_BxB) - jnp.where(pos_BxB, logits_BxB, 0.0)
     if normalize == "pairs":
         return jnp.mean(bce_BxB)
     if normalize == "batch":
         return jnp.sum(bce_BxB) / zi.shape[0]
     raise ValueError(f"normalize must be 'pairs' or 'batch', got {normalize!r}")
-
-
-def _multi_positive_ce(logits_BxB, pos_BxB):
-    targets_BxB = pos_BxB / jnp.sum(pos_BxB, axis=1, keepdims=True)
-    return -jnp.sum(targets_BxB * jax.nn.log_softmax(logits_BxB, axis=1)) / logits_BxB.shape[0]
 
 
 def softmax_infonce(zi, zt, ids, *, temperature):
@@ -59,8 +54,15 @@ def softmax_infonce(zi, zt, ids, *, temperature):
       (L_i2t + L_t2i) / 2, each the cross-entropy against the row-normalised positive mask.
     """
     logits_BxB = _logits(zi, zt, temperature)
-    pos_BxB = (ids[:, None] == ids[None, :]).astype(jnp.float32)
-    return 0.5 * (_multi_positive_ce(logits_BxB, pos_BxB) + _multi_positive_ce(logits_BxB.T, pos_BxB.T))
+    pos_BxB = ids[:, None] == ids[None, :]
+    # The positive mask is symmetric and row i has as many positives as column i, so both directions
+    # share one target term, and t2i's log-softmax is a log-sum-exp down the columns of the same
+    # matrix (no transposed copy): L = (Σ lse_rows + Σ lse_cols − 2 Σ_ij pos_ij l_ij / n_i) / 2B.
+    n_pos_B = jnp.sum(pos_BxB, axis=1).astype(jnp.float32)
+    target = jnp.sum(jnp.where(pos_BxB, logits_BxB, 0.0) / n_pos_B[:, None])
+    lse_rows = jnp.sum(jax.nn.logsumexp(logits_BxB, axis=1))
+    lse_cols = jnp.sum(jax.nn.logsumexp(logits_BxB, axis=0))
+    return (lse_rows + lse_cols - 2.0 * target) / (2.0 * zi.shape[0])
 
 
 class QueueState(NamedTuple):
@@ -130,8 +132,11 @@ def queue_infonce(zi, zt, ids, queue: QueueState, *, temperature, mask_batch_dup
     logits_BxQ = _logits(zi, queue.emb_QxD, temperature)
     drop_BxQ = (queue.ids_Q[None, :] == ids[:, None]) | ~queue.valid_Q[None, :]
     logits_BxQ = jnp.where(drop_BxQ, neg_inf, logits_BxQ)
-    logits = jnp.concatenate([logits_BxB, logits_BxQ], axis=1)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(ids.shape[0])))
+    # log-sum-exp over [batch | queue] without concatenating the two blocks; the target is the pair's
+    # own text (the batch block's diagonal, never masked), computed as a row-wise dot product.
+    lse_B = jnp.logaddexp(jax.nn.logsumexp(logits_BxB, axis=1), jax.nn.logsumexp(logits_BxQ, axis=1))
+    own_B = jnp.sum(zi.astype(jnp.float32) * zt.astype(jnp.float32), axis=1) / temperature
+    loss = jnp.mean(lse_B - own_B)
     return loss, enqueue(queue, zt, ids)
 
 
