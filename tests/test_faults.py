@@ -53,6 +53,7 @@ def test_driver_sigkill_then_same_command_resumes(tmp_path):
     assert dead
     for t in dead:
         assert trials[t.number].state == TrialState.FAIL
+        assert "driver" in trials[t.number].user_attrs["fail_reason"]
         assert [r for r in trials if r.system_attrs.get("failed_trial") == t.number and r.params == t.params]
 
 
@@ -156,6 +157,7 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
     for t in trials:
         if t.number in lost_numbers:
             assert t.state == TrialState.FAIL  # stale: heartbeat stopped
+            assert "no heartbeat" in t.user_attrs["fail_reason"]
     retried = {t.system_attrs["failed_trial"]: t for t in trials if "failed_trial" in t.system_attrs}
     assert lost_numbers <= set(retried)
     for n, copy in retried.items():

@@ -35,7 +35,7 @@ def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = F
 
     SQLite gets a long busy timeout so that many trial processes can report at once; PostgreSQL
     (and other servers) a pre-pinged, small connection pool. With ``heartbeat`` the driver's
-    storage also detects trials of dead drivers and retries their parameters once.
+    storage records heartbeats, so that drivers can tell the trials of a dead driver (stale ones).
     """
     from optuna.storages import RDBStorage
 
@@ -48,8 +48,7 @@ def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = F
         engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
     kwargs = {}
     if heartbeat and cfg is not None:
-        kwargs = dict(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
-                      heartbeat_stale_trial_callback=retry_once)
+        kwargs = dict(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
     try:
         with quiet_optuna():
             return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 import socket
@@ -21,8 +20,6 @@ import time
 from pathlib import Path
 
 from xclip_jax.errors import UserError, cli
-
-log = logging.getLogger("xclip_jax.tune")
 
 
 def host_name() -> str:
@@ -232,26 +229,35 @@ class Driver:
 
     def housekeeping(self) -> None:
         """Heartbeats for our trials; fail trials of dead drivers (stale, or dead on this host)."""
-        import optuna
         from optuna.trial import TrialState
 
         for tid in self.running:
             self.storage.record_heartbeat(tid)
-        with self.st.quiet_optuna():
-            optuna.storages.fail_stale_trials(self.study)
+        # The stale check of Optuna's fail_stale_trials, done here so the failed trial gets a reason.
+        for tid in self.storage._get_stale_trial_ids(self.study._study_id):
+            self._fail_once(tid, f"no heartbeat for {self.cfg.grace_period:g} s: the driver that ran it stopped "
+                                 "(machine lost or driver killed); its parameters run again")
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t._trial_id in self.running:
                 continue
             attrs = t.user_attrs
             if attrs.get("driver_host") == self.host and "driver_pid" in attrs and not _pid_alive(attrs["driver_pid"]):
-                self._fail_and_retry(t, "driver died")
+                self._fail_once(t._trial_id, "its driver died; its parameters run again")
 
-    def _fail_and_retry(self, t, reason: str) -> None:
+    def _fail_once(self, tid: int, reason: str) -> bool:
+        """Record a RUNNING trial FAIL with ``reason`` and queue its params again, unless another
+        driver got there first (the state change is one locked row update: exactly one wins)."""
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        self.storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        self.st.retry_once(self.study, self.storage.get_trial(t._trial_id))
+        try:
+            self.storage.set_trial_user_attr(tid, "fail_reason", reason)
+            if not self.storage.set_trial_state_values(tid, state=TrialState.FAIL):
+                return False
+        except UpdateFinishedTrialError:
+            return False
+        self.st.retry_once(self.study, self.storage.get_trial(tid))
+        return True
 
     def interrupt(self) -> None:
         """Ctrl-C: end running trials within seconds, record them, queue their params again."""
@@ -268,9 +274,8 @@ class Driver:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
         for tid in self.running:
-            t = self.storage.get_trial(tid)
-            if t.state == TrialState.RUNNING:
-                self._fail_and_retry(t, "interrupted (Ctrl-C); its parameters run again on resume")
+            if self.storage.get_trial(tid).state == TrialState.RUNNING:
+                self._fail_once(tid, "interrupted (Ctrl-C); its parameters run again on resume")
         self.running.clear()
 
     # -- the loop ----------------------------------------------------------------------------
