@@ -248,3 +248,19 @@ def test_conditional_parameters_follow_the_original(tmp_path):
         params = st.sample(trial, cfg)
         assert ("hidden_dim" in params) == (params["head_type"] in ("clip", "mlp"))
         study.tell(trial, 0.0)
+
+
+def test_a_seeded_sequential_study_is_reproducible(tmp_path):
+    """Same config and seed, n_jobs 1: the same parameters (random start-up, then TPE) and values."""
+    runs = []
+    for name in ("first", "second"):
+        d = tmp_path / name
+        d.mkdir()
+        cfg_path = write(d, n_trials=3, n_jobs=1, max_epochs=2, pruner={"type": "NopPruner"},
+                         sampler={"type": "tpe", "seed": 11, "n_startup_trials": 2})
+        done = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                              env=env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs.append([(t.params, t.value, t.intermediate_values) for t in load(d).get_trials()])
+    assert len(runs[0]) == 3
+    assert runs[0] == runs[1]
