@@ -137,19 +137,24 @@ def create_train_state(spec: TrainSpec, *, learning_rate: float, weight_decay: f
       >>> spec = TrainSpec(HeadSpec("clip", 64, 128), image_dim=32, text_dim=48)
       >>> state = create_train_state(spec, learning_rate=1e-3, weight_decay=1e-4, temperature=0.07, seed=0)
     """
-    key = jax.random.PRNGKey(seed)
+    rate = spec.head.dropout if dropout is None else dropout
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return _fresh_state(spec, jax.random.PRNGKey(seed), f32(learning_rate), f32(weight_decay), f32(temperature),
+                        f32(rate))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fresh_state(spec: TrainSpec, key, learning_rate, weight_decay, temperature, dropout) -> TrainState:
+    # One compiled program instead of dozens of eager ones; the hyperparameters are arguments, so
+    # trials that differ only in them share it (and its persistent-cache entry).
     k_init, k_run = jax.random.split(key)
     params = init_head_params(spec.head, spec.image_dim, spec.text_dim, k_init)
     bias = losses.SIGLIP_BIAS_INIT if (spec.loss_type == "sigmoid_infonce" and spec.learnable_bias) else 0.0
-    params["loss"] = {
-        "log_scale": jnp.asarray(math.log(1.0 / temperature), jnp.float32),
-        "bias": jnp.asarray(bias, jnp.float32),
-    }
+    params["loss"] = {"log_scale": -jnp.log(temperature), "bias": jnp.asarray(bias, jnp.float32)}
     tx = make_optimizer(spec, learning_rate, weight_decay)
     queue = losses.init_queue(spec.queue_size, spec.head.output_dim) if spec.loss_type == "queue_infonce" else None
-    rate = spec.head.dropout if dropout is None else dropout
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=jnp.asarray(rate, jnp.float32),
-                      opt_state=tx.init(params), queue=queue, rng=k_run, spec=spec)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=dropout, opt_state=tx.init(params),
+                      queue=queue, rng=k_run, spec=spec)
 
 
 # ----------------------------------------------------------------------------- the step
