@@ -111,6 +111,21 @@ def test_storage_unreachable(tmp_path, capsys):
     assert "127.0.0.1:1" in err and "unreachable" in err
 
 
+def test_tune_config_as_the_original_flag_or_the_default(tmp_path, capsys, monkeypatch):
+    path = tune_yaml(tmp_path, storage="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    err = run_cli(tune.main, ["--config", str(path), "--no-progress"], capsys)  # the config was read
+    assert "127.0.0.1:1" in err
+    monkeypatch.chdir(tmp_path)
+    err = run_cli(tune.main, ["--no-progress"], capsys)
+    assert "no config given" in err and "configs/default.yaml" in err
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.yaml").write_text(path.read_text())
+    err = run_cli(tune.main, ["--no-progress"], capsys)  # the default was read
+    assert "127.0.0.1:1" in err
+    err = run_cli(tune.main, [str(path), "--config", "other.yaml"], capsys)
+    assert "two configs" in err
+
+
 def test_changed_search_space_via_cli(tmp_path, capsys):
     path = tune_yaml(tmp_path)
     optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")

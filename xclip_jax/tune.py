@@ -405,14 +405,32 @@ def run_study(cfg, *, progress: bool = True) -> dict:
     return driver.run()
 
 
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _config_path(positional: str | None, option: str | None) -> str:
+    """The config named on the command line (positionally or with ``--config``), else the default."""
+    if positional and option and positional != option:
+        raise UserError(f"two configs given ({positional} and --config {option}); give one")
+    path = positional or option
+    if path:
+        return path
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    raise UserError(f"no config given and no {DEFAULT_CONFIG} here; run python -m xclip_jax.tune CONFIG "
+                    "(e.g. configs/quickstart.yaml from the repository)")
+
+
 def main(argv=None):
-    """``python -m xclip_jax.tune CONFIG [--storage URL] [--study-name N] [--n-trials N] …``."""
+    """``python -m xclip_jax.tune [CONFIG | --config CONFIG] [--storage URL] [--study-name N] [--n-trials N] …``."""
     import argparse
 
     from xclip_jax.config import ConfigError, load_tune_config, validate_tune
 
     parser = argparse.ArgumentParser(prog="python -m xclip_jax.tune", description="Run or resume a tuning study.")
-    parser.add_argument("config", help="tuning YAML (the original's keys are accepted)")
+    parser.add_argument("config", nargs="?", help=f"tuning YAML (the original's keys are accepted); default "
+                                                  f"{DEFAULT_CONFIG} when it exists")
+    parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same, as the original's flag")
     parser.add_argument("--storage")
     parser.add_argument("--study-name")
     parser.add_argument("--n-trials", type=int)
@@ -421,7 +439,7 @@ def main(argv=None):
     parser.add_argument("--output-dir")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    cfg = load_tune_config(args.config)
+    cfg = load_tune_config(_config_path(args.config, args.config_option))
     overrides = {k: v for k, v in {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
                                    "n_jobs": args.n_jobs, "timeout": args.timeout,
                                    "output_dir": args.output_dir}.items() if v is not None}
