@@ -90,14 +90,25 @@ def running_with_pid(tmp, n=1):
     return with_pid if len(with_pid) >= n else None
 
 
+def _kill_one_early_trial(tmp):
+    """SIGKILL a running trial that has not reported an epoch yet (so it can't finish first)."""
+    for t in running_with_pid(tmp) or []:
+        if not t.intermediate_values:
+            try:
+                os.kill(t.user_attrs["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            return t
+    return None
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
     """One study: n_jobs=2, one trial SIGKILLed mid-trial; then resumed to a larger n_trials."""
     tmp = tmp_path_factory.mktemp("tune")
     cfg_path = write(tmp, n_trials=6)
     proc = driver(tmp, cfg_path)
-    victim = wait_for(lambda: running_with_pid(tmp), what="a running trial")[0]
-    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    victim = wait_for(lambda: _kill_one_early_trial(tmp), what="a running trial to kill")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     first = load(tmp).get_trials()
