@@ -167,3 +167,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
     out = subprocess.run([sys.executable, "-m", "xclip_jax.train", str(p)], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_full_disk_in_any_command_is_one_line(capsys):
+    import errno
+
+    def main(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/history.json")
+
+    err = run_cli(main, [], capsys)
+    assert err.startswith("error: disk full writing /data/out/history.json") and "--resume" in err

@@ -184,3 +184,41 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
     assert best["best_value"] == pytest.approx(study.best_value)
     best_cfg = yaml.safe_load((procs["b"][0] / "results" / "best_config.yaml").read_text())
     assert best_cfg["model"]["type"] == study.best_params["head_type"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 150 KB tmpfs: room for a trial's checkpoint or two, then 'No space left on device'."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs (root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_stops_the_study_and_loses_nothing(tmp_path, small_disk):
+    cfg_path = write(tmp_path, n_trials=6, checkpoint_dir=str(small_disk))
+    full = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                          env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2, full.stdout + full.stderr
+    err = full.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: disk full") and str(small_disk) in err and "rerun the same command" in err
+    trials = load(tmp_path).get_trials()
+    full_trials = [t for t in trials if t.state == TrialState.FAIL]
+    assert full_trials and all("No space left on device" in t.user_attrs["fail_reason"] for t in full_trials)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert {t.system_attrs["failed_trial"] for t in waiting} == {t.number for t in full_trials}
+    assert st.counts(load(tmp_path))["finished"] < 6  # no trial budget was burnt on the full disk
+    # space freed (here: the checkpoints go elsewhere): the same study resumes and finishes
+    write(tmp_path, n_trials=6, checkpoint_dir=str(tmp_path / "checkpoints"))
+    again = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                           env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    c = st.counts(load(tmp_path))
+    assert c["finished"] == 6 and c["fail"] == 0 and c["waiting"] == 0
+    done = {t.number: t for t in load(tmp_path).get_trials()}
+    for t in full_trials:
+        retry = [r for r in done.values() if r.system_attrs.get("failed_trial") == t.number]
+        assert retry and retry[0].params == t.params and retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)

@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the thing and the fix, exit status 2."""
 
+import errno
 import functools
 import sys
 
@@ -9,7 +10,8 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Wrap a CLI `main(argv)`: a UserError prints one line and exits 2 (traceback only with --debug)."""
+    """Wrap a CLI `main(argv)`: a UserError or a full disk prints one line and exits 2 (traceback only
+    with --debug); Ctrl-C prints one line and exits 130."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -23,6 +25,12 @@ def cli(main):
             if debug:
                 raise
             print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except OSError as e:
+            if debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: disk full writing {e.filename or 'a file'} ({e.strerror}); free space or write elsewhere, "
+                  "then run the same command again (training: add --resume)", file=sys.stderr)
             raise SystemExit(2)
         except KeyboardInterrupt:
             if debug:

@@ -70,14 +70,15 @@ def quiet_optuna():
         yield
 
 
-def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a failed trial's parameters again, unless it already was a retry.
+def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial, always: bool = False) -> None:
+    """Queue a failed trial's parameters again, unless it already was a retry (``always`` queues
+    them anyway: for failures that were not the parameters' fault, such as a full disk).
 
     The copy is WAITING (``study.ask`` takes it first) and carries ``failed_trial`` = the failed
     trial's number; unlike Optuna's retry callback it does not inherit the failed trial's user
     attributes (its pid or fail reason would be wrong for the new run).
     """
-    if "failed_trial" in trial.system_attrs:
+    if "failed_trial" in trial.system_attrs and not always:
         return
     study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
                                               distributions=trial.distributions,

@@ -46,12 +46,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+DISK_FULL = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def _disk_full(reason: str) -> bool:
+    return any(text in reason for text in DISK_FULL)
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
     return lines[-1][:300] if lines else ""
+
+
+def _disk_full_in_log(path: Path) -> str | None:
+    """The disk-full message a trial's log ends with, if any (searched in its last 64 KB: library
+    messages can be long, and shutdown noise may follow them)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(fh.seek(0, os.SEEK_END) - 65536, 0))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    return next((text for text in DISK_FULL if text in tail), None)
 
 
 def _exit_reason(rc: int, log_path: Path) -> str:
@@ -96,6 +115,7 @@ class Driver:
 
         self.cfg = cfg
         self.st = st
+        self.halt: str | None = None  # why no more trials start (a full disk), for the final error
         self.out = Path(cfg.output_dir)
         self.progress = progress
         self.storage = st.make_storage(cfg.storage, cfg, heartbeat=True)
@@ -182,11 +202,18 @@ class Driver:
             env["CUDA_VISIBLE_DEVICES"] = str(self.cfg.devices[trial.number % len(self.cfg.devices)])
         log_path = self.logs / f"trial_{trial.number:05d}.log"
         limit = self.cfg.trial_memory_limit_gb
-        with open(log_path, "w") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "xclip_jax.trial", str(self.config_path), str(tid), str(self.cache_dir)],
-                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                preexec_fn=_limit_memory(int(limit * 2**30)) if limit else None)
+        try:
+            with open(log_path, "w") as fh:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "xclip_jax.trial", str(self.config_path), str(tid), str(self.cache_dir)],
+                    stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                    preexec_fn=_limit_memory(int(limit * 2**30)) if limit else None)
+        except OSError as e:  # e.g. no room for its log: the trial never ran, its parameters run again
+            self._fail_once(tid, f"could not start: {e}", always_retry=True)
+            if _disk_full(str(e)):
+                self._halt_for_disk(trial.number, str(e))
+                return
+            raise
         self.running[tid] = Running(proc, tid, trial.number, log_path, time.time())
 
     def reap(self) -> list[str]:
@@ -206,8 +233,14 @@ class Driver:
             frozen = self.storage.get_trial(tid)
             if frozen.state == TrialState.RUNNING:
                 reason = "trial_timeout exceeded" if timed_out else _exit_reason(rc, r.log_path)
-                self.storage.set_trial_user_attr(tid, "fail_reason", reason)
-                self.study.tell(r.number, state=TrialState.FAIL, skip_if_finished=True)
+                cause = None if timed_out else _disk_full_in_log(r.log_path)
+                if cause:  # not the trial's fault: run its parameters again, start no more
+                    reason = reason if cause in reason else f"{cause} ({reason})"
+                    self._fail_once(tid, reason, always_retry=True)
+                    self._halt_for_disk(r.number, reason)
+                else:
+                    self.storage.set_trial_user_attr(tid, "fail_reason", reason)
+                    self.study.tell(r.number, state=TrialState.FAIL, skip_if_finished=True)
                 frozen = self.storage.get_trial(tid)
             lines.append(self.describe(frozen))
         return lines
@@ -244,9 +277,19 @@ class Driver:
             if attrs.get("driver_host") == self.host and "driver_pid" in attrs and not _pid_alive(attrs["driver_pid"]):
                 self._fail_once(t._trial_id, "its driver died; its parameters run again")
 
-    def _fail_once(self, tid: int, reason: str) -> bool:
+    def _halt_for_disk(self, number: int, reason: str) -> None:
+        if self.halt is None:
+            self.halt = (f"disk full: trial {number} failed ({reason}); no more trials were started and its "
+                         f"parameters are queued. Free space under {self.cfg.checkpoint_dir} and {self.cfg.output_dir} "
+                         "(or move them to another disk), then rerun the same command to resume")
+            from tqdm.auto import tqdm
+
+            tqdm.write("disk full: starting no more trials; waiting for the running ones")
+
+    def _fail_once(self, tid: int, reason: str, always_retry: bool = False) -> bool:
         """Record a RUNNING trial FAIL with ``reason`` and queue its params again, unless another
-        driver got there first (the state change is one locked row update: exactly one wins)."""
+        driver got there first (the state change is one locked row update: exactly one wins).
+        ``always_retry`` queues them even when the trial was itself a retry (it was not its fault)."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
@@ -256,7 +299,7 @@ class Driver:
                 return False
         except UpdateFinishedTrialError:
             return False
-        self.st.retry_once(self.study, self.storage.get_trial(tid))
+        self.st.retry_once(self.study, self.storage.get_trial(tid), always=always_retry)
         return True
 
     def interrupt(self) -> None:
@@ -315,11 +358,11 @@ class Driver:
                     bar.refresh()
                 out_of_time = cfg.timeout is not None and now - start > cfg.timeout
                 budget_left = c["finished"] + c["running"] < cfg.n_trials
-                if not out_of_time and budget_left and len(self.running) < cfg.n_jobs:
+                if not self.halt and not out_of_time and budget_left and len(self.running) < cfg.n_jobs:
                     self.launch()
                     continue
-                if not self.running and (out_of_time or not budget_left):
-                    if c["running"] == 0 or out_of_time:
+                if not self.running and (self.halt or out_of_time or not budget_left):
+                    if c["running"] == 0 or out_of_time or self.halt:
                         break
                 time.sleep(0.2)
         except KeyboardInterrupt:
@@ -330,9 +373,15 @@ class Driver:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             bar.close()
-        outputs = write_outputs(self.study, cfg)
+        try:
+            outputs = write_outputs(self.study, cfg)
+        except OSError as e:
+            if not (self.halt and _disk_full(str(e))):
+                raise
+            outputs = {}  # the disk is full: the next run writes them
         c = self.st.counts(self.study)
-        return {"interrupted": interrupted, "counts": c, "wall_seconds": time.time() - start, "outputs": outputs}
+        return {"interrupted": interrupted, "counts": c, "wall_seconds": time.time() - start, "outputs": outputs,
+                "halt": self.halt}
 
     def _best(self) -> str:
         try:
@@ -452,6 +501,8 @@ def main(argv=None):
     c = result["counts"]
     print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
+    if result["halt"]:
+        raise UserError(result["halt"])
     return 130 if result["interrupted"] else 0
 
 
