@@ -177,3 +177,11 @@ def test_full_disk_in_any_command_is_one_line(capsys):
 
     err = run_cli(main, [], capsys)
     assert err.startswith("error: disk full writing /data/out/history.json") and "--resume" in err
+
+
+def test_full_disk_worded_by_a_library_is_one_line(capsys):
+    def main(argv):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write: No space left on device')
+
+    err = run_cli(main, [], capsys)
+    assert err.startswith("error: disk full writing a file (No space left on device)")

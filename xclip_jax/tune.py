@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from xclip_jax.errors import UserError, cli
+from xclip_jax.errors import UserError, cli, disk_full
 
 
 def host_name() -> str:
@@ -46,13 +46,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-DISK_FULL = ("No space left on device", "Disk quota exceeded", "database or disk is full")
-
-
-def _disk_full(reason: str) -> bool:
-    return any(text in reason for text in DISK_FULL)
-
-
 def _last_line(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -70,7 +63,7 @@ def _disk_full_in_log(path: Path) -> str | None:
             tail = fh.read().decode(errors="replace")
     except OSError:
         return None
-    return next((text for text in DISK_FULL if text in tail), None)
+    return disk_full(tail)
 
 
 def _exit_reason(rc: int, log_path: Path) -> str:
@@ -210,7 +203,7 @@ class Driver:
                     preexec_fn=_limit_memory(int(limit * 2**30)) if limit else None)
         except OSError as e:  # e.g. no room for its log: the trial never ran, its parameters run again
             self._fail_once(tid, f"could not start: {e}", always_retry=True)
-            if _disk_full(str(e)):
+            if disk_full(str(e)):
                 self._halt_for_disk(trial.number, str(e))
                 return
             raise
@@ -376,7 +369,7 @@ class Driver:
         try:
             outputs = write_outputs(self.study, cfg)
         except OSError as e:
-            if not (self.halt and _disk_full(str(e))):
+            if not (self.halt and disk_full(str(e))):
                 raise
             outputs = {}  # the disk is full: the next run writes them
         c = self.st.counts(self.study)
