@@ -11,7 +11,7 @@ import yaml
 
 from tests.test_tune import TUNE
 from xclip_jax import data, train, tune
-from xclip_jax.errors import cli
+from xclip_jax.errors import UserError, cli
 
 
 def run_cli(main, argv, capsys):
@@ -185,3 +185,20 @@ def test_full_disk_worded_by_a_library_is_one_line(capsys):
 
     err = run_cli(main, [], capsys)
     assert err.startswith("error: disk full writing a file (No space left on device)")
+
+
+def test_second_study_in_the_same_checkpoint_dir_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints"  # the tiny config's checkpoint_dir
+    ckpt.mkdir()
+    tune.claim_checkpoint_dir(ckpt, "tiny")
+    tune.claim_checkpoint_dir(ckpt, "tiny")  # the same study (a resume, another machine) is welcome
+    err = run_cli(tune.main, [str(tune_yaml(tmp_path)), "--study-name", "other", "--no-progress"], capsys)
+    assert "study 'tiny'" in err and "'other'" in err and "--checkpoint-dir" in err
+    # a folder from before the marker: the owner is read from a trial's cfg.yaml
+    old = tmp_path / "old"
+    (old / "00000").mkdir(parents=True)
+    (old / "00000" / "cfg.yaml").write_text("# trial 0 of study legacy\nseed: 1\n")
+    with pytest.raises(UserError, match="study 'legacy'"):
+        tune.claim_checkpoint_dir(old, "tiny")
+    tune.claim_checkpoint_dir(old, "legacy")
+    assert (old / ".study_name").read_text().strip() == "legacy"

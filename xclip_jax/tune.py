@@ -89,6 +89,22 @@ def check_writable(directory: Path) -> None:
                         "or fix its permissions") from None
 
 
+def claim_checkpoint_dir(directory: Path, study_name: str) -> None:
+    """Mark ``directory`` as this study's; refuse one that holds another study's trial checkpoints
+    (trial numbers restart at 0 in every study, so a second study would overwrite them)."""
+    marker = directory / ".study_name"
+    if marker.exists():
+        owner = marker.read_text().strip()
+    else:  # a folder from before the marker: each trial's cfg.yaml starts "# trial N of study NAME"
+        headers = (p.read_text().split("\n", 1)[0] for p in sorted(directory.glob("[0-9]*/cfg.yaml"))[:1])
+        owner = next((h.split(" of study ", 1)[1].strip() for h in headers if " of study " in h), study_name)
+    if owner != study_name:
+        raise UserError(f"checkpoint_dir {directory} holds the trial checkpoints of study '{owner}'; study "
+                        f"'{study_name}' would overwrite them: give it its own checkpoint_dir (--checkpoint-dir)")
+    if not marker.exists():
+        marker.write_text(study_name + "\n")
+
+
 @dataclasses.dataclass
 class Running:
     proc: subprocess.Popen
@@ -135,6 +151,7 @@ class Driver:
 
         for folder in (self.out, Path(self.cfg.checkpoint_dir)):
             check_writable(folder)
+        claim_checkpoint_dir(Path(self.cfg.checkpoint_dir), self.cfg.study_name)
         self.cache_dir = self.st.data_cache_dir(self.cfg, self.out / "data_cache")
         if not (self.cache_dir / "done").exists():
             sets = load_sets(self.cfg, splits=("train", "val"))
@@ -479,12 +496,14 @@ def main(argv=None):
     parser.add_argument("--n-jobs", type=int)
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--output-dir")
+    parser.add_argument("--checkpoint-dir")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = load_tune_config(_config_path(args.config, args.config_option))
     overrides = {k: v for k, v in {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
                                    "n_jobs": args.n_jobs, "timeout": args.timeout,
-                                   "output_dir": args.output_dir}.items() if v is not None}
+                                   "output_dir": args.output_dir,
+                                   "checkpoint_dir": args.checkpoint_dir}.items() if v is not None}
     if overrides:
         try:
             cfg = validate_tune(dataclasses.replace(cfg, **overrides))
