@@ -275,3 +275,20 @@ def test_a_seeded_sequential_study_is_reproducible(tmp_path):
         runs.append([(t.params, t.value, t.intermediate_values) for t in load(d).get_trials()])
     assert len(runs[0]) == 3
     assert runs[0] == runs[1]
+
+
+def test_devices_spread_concurrent_trials_over_the_cards(tmp_path):
+    """devices: [0, 1] with n_jobs 2: the two trials running at once never share a card. (On this
+    CPU machine CUDA_VISIBLE_DEVICES changes nothing else; the assignment is what is checked.)"""
+    cfg_path = write(tmp_path, n_trials=4, devices=[0, 1], max_epochs=2)
+    done = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
+                          env={k: v for k, v in env(tmp_path).items() if k != "CUDA_VISIBLE_DEVICES"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = load(tmp_path).get_trials()
+    assert {t.user_attrs["cuda_visible_devices"] for t in trials} == {"0", "1"}
+    for a in trials:
+        for b in trials:
+            overlap = a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+            if a.number < b.number and overlap:
+                assert a.user_attrs["cuda_visible_devices"] != b.user_attrs["cuda_visible_devices"]

@@ -64,6 +64,8 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     trial.set_user_attr("host", host_name())
     trial.set_user_attr("jax_backend", jax.default_backend())
     trial.set_user_attr("xla_preallocate", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"))
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
     trial.set_user_attr("checkpoint", str(out))
 
     sets = st.read_cache(Path(cache_dir))

@@ -112,6 +112,7 @@ class Running:
     number: int
     log_path: Path
     started: float
+    device: int | None = None
 
 
 class Driver:
@@ -208,8 +209,9 @@ class Driver:
             "XCLIP_SPAWN_TIME": repr(time.time()),
             "PYTHONUNBUFFERED": "1",
         })
-        if self.cfg.devices:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.cfg.devices[trial.number % len(self.cfg.devices)])
+        device = self._pick_device()
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(device)
         log_path = self.logs / f"trial_{trial.number:05d}.log"
         limit = self.cfg.trial_memory_limit_gb
         try:
@@ -224,7 +226,16 @@ class Driver:
                 self._halt_for_disk(trial.number, str(e))
                 return
             raise
-        self.running[tid] = Running(proc, tid, trial.number, log_path, time.time())
+        self.running[tid] = Running(proc, tid, trial.number, log_path, time.time(), device)
+
+    def _pick_device(self) -> int | None:
+        """With ``devices``: the one running the fewest of our trials (the first of those on a tie)."""
+        if not self.cfg.devices:
+            return None
+        load = {d: 0 for d in self.cfg.devices}
+        for r in self.running.values():
+            load[r.device] = load.get(r.device, 0) + 1
+        return min(self.cfg.devices, key=lambda d: load[d])
 
     def reap(self) -> list[str]:
         """Collect finished trial processes; record FAIL for those that died without telling."""
