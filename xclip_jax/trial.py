@@ -45,7 +45,7 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     from xclip_jax import study as st
     from xclip_jax.config import dump_yaml, load_tune_config, trial_config
     from xclip_jax.train import TrainingDiverged, run_training
-    from xclip_jax.tune import host_name
+    from xclip_jax.tune import TRIAL_HEADER, host_name
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_tune_config(config_path)
@@ -59,7 +59,7 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     train_cfg = trial_config(cfg, params, trial_number=number)
     out = Path(cfg.checkpoint_dir) / f"{number:05d}"
     out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(train_cfg, out / "cfg.yaml", header=f"# trial {number} of study {cfg.study_name}\n")
+    dump_yaml(train_cfg, out / "cfg.yaml", header=TRIAL_HEADER.format(number=number, study=cfg.study_name))
     trial.set_user_attr("pid", os.getpid())
     trial.set_user_attr("host", host_name())
     trial.set_user_attr("jax_backend", jax.default_backend())

@@ -9,6 +9,7 @@ writes the study's outputs. Rerunning the same command resumes toward ``n_trials
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -46,28 +47,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
-def _disk_full_in_log(path: Path) -> str | None:
-    """The disk-full message a trial's log ends with, if any (searched in its last 64 KB: library
-    messages can be long, and shutdown noise may follow them)."""
+def _log_tail(path: Path, size: int = 65536) -> str:
+    """The last ``size`` bytes of a trial's log (library messages can be long, and shutdown noise
+    may follow the error that matters)."""
     try:
         with open(path, "rb") as fh:
-            fh.seek(max(fh.seek(0, os.SEEK_END) - 65536, 0))
-            tail = fh.read().decode(errors="replace")
+            fh.seek(max(fh.seek(0, os.SEEK_END) - size, 0))
+            return fh.read().decode(errors="replace")
     except OSError:
-        return None
-    return disk_full(tail)
+        return ""
 
 
-def _exit_reason(rc: int, log_path: Path) -> str:
-    last = _last_line(log_path)
+def _exit_reason(rc: int, log_tail: str) -> str:
+    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+    last = lines[-1][:300] if lines else ""
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
         why = f"killed by {name}"
@@ -89,15 +82,19 @@ def check_writable(directory: Path) -> None:
                         "or fix its permissions") from None
 
 
+TRIAL_HEADER = "# trial {number} of study {study}\n"  # the first line of each trial's cfg.yaml
+
+
 def claim_checkpoint_dir(directory: Path, study_name: str) -> None:
     """Mark ``directory`` as this study's; refuse one that holds another study's trial checkpoints
     (trial numbers restart at 0 in every study, so a second study would overwrite them)."""
     marker = directory / ".study_name"
     if marker.exists():
         owner = marker.read_text().strip()
-    else:  # a folder from before the marker: each trial's cfg.yaml starts "# trial N of study NAME"
-        headers = (p.read_text().split("\n", 1)[0] for p in sorted(directory.glob("[0-9]*/cfg.yaml"))[:1])
-        owner = next((h.split(" of study ", 1)[1].strip() for h in headers if " of study " in h), study_name)
+    else:  # a folder from before the marker: a trial's cfg.yaml names its study in TRIAL_HEADER
+        first = min(directory.glob("[0-9]*/cfg.yaml"), default=None)
+        header = first.read_text().split("\n", 1)[0] if first else ""
+        owner = header.split(" of study ", 1)[1].strip() if " of study " in header else study_name
     if owner != study_name:
         raise UserError(f"checkpoint_dir {directory} holds the trial checkpoints of study '{owner}'; study "
                         f"'{study_name}' would overwrite them: give it its own checkpoint_dir (--checkpoint-dir)")
@@ -221,7 +218,7 @@ class Driver:
                     stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                     preexec_fn=_limit_memory(int(limit * 2**30)) if limit else None)
         except OSError as e:  # e.g. no room for its log: the trial never ran, its parameters run again
-            self._fail_once(tid, f"could not start: {e}", always_retry=True)
+            self._fail(tid, f"could not start: {e}", retry="always")
             if disk_full(str(e)):
                 self._halt_for_disk(trial.number, str(e))
                 return
@@ -232,10 +229,8 @@ class Driver:
         """With ``devices``: the one running the fewest of our trials (the first of those on a tie)."""
         if not self.cfg.devices:
             return None
-        load = {d: 0 for d in self.cfg.devices}
-        for r in self.running.values():
-            load[r.device] = load.get(r.device, 0) + 1
-        return min(self.cfg.devices, key=lambda d: load[d])
+        load = collections.Counter(r.device for r in self.running.values())
+        return min(self.cfg.devices, key=load.__getitem__)
 
     def reap(self) -> list[str]:
         """Collect finished trial processes; record FAIL for those that died without telling."""
@@ -253,15 +248,15 @@ class Driver:
             del self.running[tid]
             frozen = self.storage.get_trial(tid)
             if frozen.state == TrialState.RUNNING:
-                reason = "trial_timeout exceeded" if timed_out else _exit_reason(rc, r.log_path)
-                cause = None if timed_out else _disk_full_in_log(r.log_path)
+                tail = "" if timed_out else _log_tail(r.log_path)
+                reason = "trial_timeout exceeded" if timed_out else _exit_reason(rc, tail)
+                cause = disk_full(tail)
                 if cause:  # not the trial's fault: run its parameters again, start no more
                     reason = reason if cause in reason else f"{cause} ({reason})"
-                    self._fail_once(tid, reason, always_retry=True)
+                    self._fail(tid, reason, retry="always")
                     self._halt_for_disk(r.number, reason)
                 else:
-                    self.storage.set_trial_user_attr(tid, "fail_reason", reason)
-                    self.study.tell(r.number, state=TrialState.FAIL, skip_if_finished=True)
+                    self._fail(tid, reason, retry="never")
                 frozen = self.storage.get_trial(tid)
             lines.append(self.describe(frozen))
         return lines
@@ -289,14 +284,14 @@ class Driver:
             self.storage.record_heartbeat(tid)
         # The stale check of Optuna's fail_stale_trials, done here so the failed trial gets a reason.
         for tid in self.storage._get_stale_trial_ids(self.study._study_id):
-            self._fail_once(tid, f"no heartbeat for {self.cfg.grace_period:g} s: the driver that ran it stopped "
+            self._fail(tid, f"no heartbeat for {self.cfg.grace_period:g} s: the driver that ran it stopped "
                                  "(machine lost or driver killed); its parameters run again")
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t._trial_id in self.running:
                 continue
             attrs = t.user_attrs
             if attrs.get("driver_host") == self.host and "driver_pid" in attrs and not _pid_alive(attrs["driver_pid"]):
-                self._fail_once(t._trial_id, "its driver died; its parameters run again")
+                self._fail(t._trial_id, "its driver died; its parameters run again")
 
     def _halt_for_disk(self, number: int, reason: str) -> None:
         if self.halt is None:
@@ -307,10 +302,11 @@ class Driver:
 
             tqdm.write("disk full: starting no more trials; waiting for the running ones")
 
-    def _fail_once(self, tid: int, reason: str, always_retry: bool = False) -> bool:
-        """Record a RUNNING trial FAIL with ``reason`` and queue its params again, unless another
-        driver got there first (the state change is one locked row update: exactly one wins).
-        ``always_retry`` queues them even when the trial was itself a retry (it was not its fault)."""
+    def _fail(self, tid: int, reason: str, retry: str = "once") -> bool:
+        """Record a RUNNING trial FAIL with ``reason`` unless another driver got there first (the
+        state change is one locked row update: exactly one wins); the winner queues its params again
+        per ``retry``: "once" (unless the trial was itself a retry), "always" (the failure was not the
+        parameters' fault) or "never"."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
@@ -320,7 +316,8 @@ class Driver:
                 return False
         except UpdateFinishedTrialError:
             return False
-        self.st.retry_once(self.study, self.storage.get_trial(tid), always=always_retry)
+        if retry != "never":
+            self.st.retry_once(self.study, self.storage.get_trial(tid), always=retry == "always")
         return True
 
     def interrupt(self) -> None:
@@ -339,7 +336,7 @@ class Driver:
                 r.proc.wait()
         for tid in self.running:
             if self.storage.get_trial(tid).state == TrialState.RUNNING:
-                self._fail_once(tid, "interrupted (Ctrl-C); its parameters run again on resume")
+                self._fail(tid, "interrupted (Ctrl-C); its parameters run again on resume")
         self.running.clear()
 
     # -- the loop ----------------------------------------------------------------------------
