@@ -3,7 +3,9 @@
 Plain arrays in, a dict of Python floats out. This module is part of the core: it imports neither
 Optuna nor the config module.
 
-Similarities are dot products in float32. One sweep over fixed-size chunks of images computes
+Similarity is cosine, as in the original tool and every CLIP evaluation: the inputs are
+L2-normalised first (a no-op, to the last bit or so, for the heads' unit-norm outputs), then
+compared by dot products in float32. One sweep over fixed-size chunks of images computes
 each chunk's ``[chunk, T]`` similarity block once and reduces it on the device in both directions:
 image->text ranks for the chunk, and per-caption counts of images that beat the caption's own
 image. Both directions therefore cost one N x T matrix product, not two; memory is bounded by a
@@ -210,7 +212,16 @@ def _as_embeddings(x, name: str) -> jax.Array:
     if x.shape[0] and not bool(_all_finite(x)):
         # NaN similarities compare false everywhere, which would score a diverged model as perfect.
         raise ValueError(f"{name} contains NaN or Inf values")
-    return x
+    return _l2_normalize(x)
+
+
+@jax.jit
+def _l2_normalize(x):
+    # Cosine similarity: rank by direction only (a raw embedding's norm says nothing about a match).
+    # Dividing by the row's largest magnitude first keeps the norm finite for any finite input.
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    x = x / jnp.where(scale > 0, scale, 1.0)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -257,7 +268,7 @@ def retrieval_metrics_indexed(
 
     Args:
       image_emb: ``[N, D]`` float array (numpy or JAX, any float dtype), one row per unique
-        image. Similarity is the plain dot product, so pass normalised rows for cosine.
+        image. Rows are L2-normalised inside: similarity is cosine.
       text_emb: ``[T, D]`` float array, one row per caption.
       text_image: ``[T]`` integer array; ``text_image[t]`` is the row of ``image_emb`` that
         caption ``t`` describes. Every image must have at least one caption.
