@@ -1,5 +1,6 @@
 """Tests for xclip_jax.data: reading, validation messages, splits, the generator and the CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -92,6 +93,25 @@ def test_config_naming_pt_finds_converted_npy(tmp_path):
         tmp_path / "train_metadata.json",
     )
     assert eset.name == "train" and eset.rows == 18
+
+
+def test_a_named_pt_file_reads_its_converted_npy_beside_it(tmp_path, monkeypatch):
+    """One rule for every command: after `convert`, the .npy beside a named .pt is what is read (even
+    though the .pt is still there, and with torch importable), memory-mapped."""
+    image_rows, text_rows, ids = _rows()
+    data.write_embedding_set(tmp_path, "train", image_rows, text_rows, ids)
+    for kind in ("image", "text"):
+        (tmp_path / f"train_{kind}_embeddings.pt").write_bytes(b"the original's file")
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("read the .pt although its .npy sits beside it")
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=no_torch_load))
+    eset = data.load_embedding_set(tmp_path / "train_image_embeddings.pt", tmp_path / "train_text_embeddings.pt",
+                                   tmp_path / "train_metadata.json", name="train")
+    assert eset.sources[:2] == (str(tmp_path / "train_image_embeddings.npy"), str(tmp_path / "train_text_embeddings.npy"))
+    assert data.source_line(eset).startswith(f"data: train <- {tmp_path / 'train_image_embeddings.npy'}")
+    assert data.source_line(eset).endswith("18 rows, 6 images")
 
 
 def test_npy_float32_stays_memory_mapped(tmp_path):
@@ -438,6 +458,43 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "nope_image_embeddings" in err
+
+
+def test_cli_split_without_its_source_points_at_the_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(["split", "--source-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "--source-dir" in err and "--source" in err and "data split`" not in err  # not "run split" again
+
+
+def test_warnings_are_one_line_without_python_source(tmp_path):
+    """A CLI's warning is one `warning: ...` line (Python's default shows the source line too)."""
+    image_rows, text_rows, ids = _rows()
+    image_rows = image_rows.copy()
+    image_rows[np.flatnonzero(ids == ids[0])[-1]] += 1.0  # one image's rows now differ
+    _write_set(tmp_path, "train", image_rows, text_rows, ids)
+    done = subprocess.run([sys.executable, "-m", "xclip_jax.data", "check", str(tmp_path), "train"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "rows differ" in lines[0], done.stderr
+
+
+def test_validation_set_sharing_the_training_images_is_warned(tmp_path):
+    image_rows, text_rows, ids = _rows()
+    data.write_embedding_set(tmp_path, "train", image_rows, text_rows, ids)
+    train = data.load_named_set(tmp_path, "train")
+    with pytest.warns(UserWarning, match="the val set is the training set"):
+        data.check_disjoint(train, dataclasses.replace(data.load_named_set(tmp_path, "train"), name="val"))
+    other = train.subset_rows(np.arange(6), "val")
+    with pytest.warns(UserWarning, match=f"shares {other.n_images} of its {other.n_images} images"):
+        data.check_disjoint(train, other)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.check_disjoint(train, data.from_rows("val", image_rows, text_rows, np.char.add("new", ids)))
 
 
 def test_cli_convert_without_inputs_exits_2(tmp_path):

@@ -26,12 +26,11 @@ import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from xclip_jax.errors import UserError, cli
+from xclip_jax.errors import UserError, cli, warn
 
 EXTENSIONS = (".npy", ".safetensors", ".pt")  # in order of preference when several exist
 IMAGE_SUFFIX = "_image_embeddings"
@@ -76,6 +75,7 @@ class EmbeddingSet:
       row_image: ``[rows]`` int32 index into ``image`` for each row. It doubles as a compact
         per-row image id for losses (equal value = same image = positive pair).
       image_ids: ``[n_images]`` the original ids from the metadata (int or str array).
+      sources: the files it was read from (image, text, metadata), empty when built in memory.
 
     Build one with :func:`from_rows`, :func:`load_embedding_set` or :func:`load_named_set`;
     they validate the data. (``eq=False``: comparing sets array-by-array is never meant.)
@@ -86,6 +86,7 @@ class EmbeddingSet:
     text: np.ndarray
     row_image: np.ndarray
     image_ids: np.ndarray
+    sources: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Internal invariants only; user data is validated (with friendly messages) by from_rows.
@@ -235,11 +236,8 @@ def _warn_if_captions_disagree(image_rows, image, row_image, label) -> None:
         rows = np.asarray(image_rows[chunk], dtype=np.float32)
         differing += int(np.any(rows != image[row_image[chunk]], axis=1).sum())
     if differing:
-        warnings.warn(
-            f"{label}: {differing} rows differ from the first row with the same image id; "
-            "using the first row of each image",
-            stacklevel=3,
-        )
+        warn(f"{label}: {differing} rows differ from the first row with the same image id; "
+             "using the first row of each image")
 
 
 def from_rows(name: str, image_rows, text_rows, image_ids) -> EmbeddingSet:
@@ -277,11 +275,15 @@ def from_rows(name: str, image_rows, text_rows, image_ids) -> EmbeddingSet:
 # Reading files
 
 
-def find_file(data_dir, stem: str) -> Path:
+MAKE_IT = ("check the data folder and set name, or create the set with "
+           "`python -m xclip_jax.data split` or `python -m xclip_jax.data synth`")
+
+
+def find_file(data_dir, stem: str, fix: str = MAKE_IT) -> Path:
     """Return ``data_dir/stem`` plus the first of .npy, .safetensors, .pt that exists.
 
     Raises:
-      UserError: none of them exists (the message lists what was looked for).
+      UserError: none of them exists (the message lists what was looked for, then ``fix``).
     """
     data_dir = Path(data_dir)
     for ext in EXTENSIONS:
@@ -289,21 +291,24 @@ def find_file(data_dir, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     where = f"in {data_dir}" if data_dir.is_dir() else f"and the folder {data_dir} does not exist"
-    raise UserError(
-        f"{data_dir / stem}.*: not found (looked for {', '.join(EXTENSIONS)} {where}); "
-        "check the data folder and set name, or create the set with "
-        "`python -m xclip_jax.data split` or `python -m xclip_jax.data synth`"
-    )
+    raise UserError(f"{data_dir / stem}.*: not found (looked for {', '.join(EXTENSIONS)} {where}); {fix}")
 
 
-def _resolve(path) -> Path:
-    # A config may still name the original's .pt file after the user converted it to .npy (or
-    # name no extension at all): fall back to whichever supported file has the same stem.
+def resolve_file(path, fix: str = MAKE_IT) -> Path:
+    """The file that a configured embedding-file name reads, by one rule for every command.
+
+    The converted ``.npy`` beside the named file wins (memory-mapped, no torch needed), so a config
+    written for the original's ``.pt`` files reads what ``convert`` or ``split`` wrote; otherwise
+    the named file; otherwise any supported extension of the same name.
+    """
     path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix in EXTENSIONS else path.name
+    npy = path.with_name(stem + ".npy")
+    if npy.is_file():
+        return npy
     if path.is_file():
         return path
-    stem = path.stem if path.suffix in EXTENSIONS else path.name
-    return find_file(path.parent, stem)
+    return find_file(path.parent, stem, fix)
 
 
 def read_array(path) -> np.ndarray:
@@ -413,43 +418,66 @@ def read_image_ids(path) -> np.ndarray:
     return _check_ids(meta["image_ids"], str(path))
 
 
-def load_embedding_set(image_path, text_path, metadata_path, name: str | None = None) -> EmbeddingSet:
+def load_embedding_set(image_path, text_path, metadata_path, name: str | None = None,
+                       fix: str = MAKE_IT) -> EmbeddingSet:
     """Load and validate one set from its three files.
 
-    A missing embedding file is also looked for with the other supported extensions, so a
-    config written for ``.pt`` files keeps working after ``convert``.
+    Embedding file names go through :func:`resolve_file`: a converted ``.npy`` beside a named
+    ``.pt`` or ``.safetensors`` file is read instead, so a config written for the original's files
+    keeps working (memory-mapped) after ``convert``.
 
     Args:
       image_path, text_path: embedding files (.npy, .safetensors or .pt).
       metadata_path: ``{"image_ids": [...]}`` JSON, one id per row.
       name: set name; defaults to the image file's name without ``_image_embeddings``.
+      fix: what a missing-file message tells the user to do.
 
     Raises:
       UserError: any problem with the files, naming the file, the problem and the fix.
     """
-    image_path, text_path = _resolve(image_path), _resolve(text_path)
+    image_path, text_path = resolve_file(image_path, fix), resolve_file(text_path, fix)
     metadata_path = Path(metadata_path)
     if name is None:
         name = image_path.stem.removesuffix(IMAGE_SUFFIX)
     ids = read_image_ids(metadata_path)
     image_rows = read_array(image_path)
     text_rows = read_array(text_path)
-    return _build(name, image_rows, text_rows, ids, str(image_path), str(text_path), str(metadata_path))
+    eset = _build(name, image_rows, text_rows, ids, str(image_path), str(text_path), str(metadata_path))
+    return dataclasses.replace(eset, sources=(str(image_path), str(text_path), str(metadata_path)))
 
 
-def load_named_set(data_dir, name: str) -> EmbeddingSet:
+def load_named_set(data_dir, name: str, fix: str = MAKE_IT) -> EmbeddingSet:
     """Load set NAME from ``data_dir``: NAME_image_embeddings.*, NAME_text_embeddings.*, NAME_metadata.json."""
     data_dir = Path(data_dir)
     return load_embedding_set(
-        find_file(data_dir, name + IMAGE_SUFFIX),
-        find_file(data_dir, name + TEXT_SUFFIX),
+        find_file(data_dir, name + IMAGE_SUFFIX, fix),
+        find_file(data_dir, name + TEXT_SUFFIX, fix),
         data_dir / f"{name}{METADATA_SUFFIX}",
         name=name,
+        fix=fix,
     )
 
 
 def _set_exists(data_dir: Path, name: str) -> bool:
     return any((data_dir / f"{name}{IMAGE_SUFFIX}{ext}").is_file() for ext in EXTENSIONS)
+
+
+def source_line(eset: EmbeddingSet) -> str:
+    """Where a set was read from, and its size: the line every command prints once per split."""
+    origin = ", ".join(eset.sources) if eset.sources else "the built-in synthetic generator"
+    return f"data: {eset.name} <- {origin}: {eset.rows:,} rows, {eset.n_images:,} images"
+
+
+def check_disjoint(train: EmbeddingSet, other: EmbeddingSet) -> None:
+    """Warn when ``other`` (a validation or test set) shares images with the training set."""
+    if train.sources and train.sources == other.sources:
+        warn(f"the {other.name} set is the training set (the same files: {train.sources[0]} ...): "
+             f"{other.name} R@1 will be optimistic and early stopping meaningless; name other files")
+        return
+    shared = np.intersect1d(train.image_ids.astype(str), other.image_ids.astype(str)).size
+    if shared:
+        warn(f"the {other.name} set shares {shared:,} of its {other.n_images:,} images with the training set: "
+             f"{other.name} R@1 will be optimistic; split at the image level (python -m xclip_jax.data split)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +709,8 @@ def synthetic_splits(
 # Command line
 
 
-def _describe(eset: EmbeddingSet) -> str:
+def describe(eset: EmbeddingSet) -> str:
+    """One line: name, rows, images, captions per image, dims."""
     per_image = np.bincount(eset.row_image, minlength=eset.n_images)
     caps = f"{per_image.min()}" if per_image.min() == per_image.max() else f"{per_image.min()}-{per_image.max()}"
     return (
@@ -706,7 +735,7 @@ def _cmd_synth(args) -> None:
     sets["train_tuning"] = train.subset_rows(tuning_subset(train.rows, args.tuning_size), "train_tuning")
     for name in ("train", "train_tuning", "val", "test"):
         save_set(args.out, sets[name])
-        print(_describe(sets[name]))
+        print(describe(sets[name]))
     seconds = time.perf_counter() - t0
     print(f"wrote synthetic sets (noise {args.noise}, seed {args.seed}) to {args.out} in {seconds:.1f}s")
 
@@ -714,8 +743,10 @@ def _cmd_synth(args) -> None:
 def _cmd_split(args) -> None:
     source_dir = Path(args.source_dir)
     out = Path(args.out) if args.out is not None else source_dir
-    source = load_named_set(source_dir, args.source)
-    print(f"source {_describe(source)}")
+    source = load_named_set(source_dir, args.source, fix=(
+        f"split reads the source set from --source-dir and --source (here {source_dir} and {args.source!r}): "
+        f"point them at the set to split, e.g. --source train2017"))
+    print(f"source {describe(source)}")
     row_ids = source.image_ids[source.row_image]
     train_idx, test_idx = split_train_test(row_ids, args.test_ratio, args.seed)
     shared = np.intersect1d(row_ids[train_idx], row_ids[test_idx])
@@ -773,11 +804,11 @@ def _cmd_convert(args) -> None:
         if out.resolve() != src.resolve() and metadata.is_file():
             shutil.copyfile(metadata, out / metadata.name)
         if (out / metadata.name).is_file():
-            print(f"check: {_describe(load_named_set(out, name))}")
+            print(f"check: {describe(load_named_set(out, name))}")
 
 
 def _cmd_check(args) -> None:
-    print(f"{_describe(load_named_set(args.dir, args.name))}; no NaN/Inf; OK")
+    print(f"{describe(load_named_set(args.dir, args.name))}; no NaN/Inf; OK")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -785,9 +816,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m xclip_jax.data",
         description="Create, split, convert and check embedding sets (add --debug for tracebacks).",
     )
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write synthetic train, train_tuning, val and test sets")
+    p = sub.add_parser("synth", parents=[debug], help="write synthetic train, train_tuning, val and test sets")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", type=int, default=20_000, help="train images (default 20000)")
     p.add_argument("--captions", type=int, default=5, help="captions per image (default 5)")
@@ -802,7 +836,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-size", type=int, default=100_000, help="rows in train_tuning (default 100000)")
     p.set_defaults(run=_cmd_synth)
 
-    p = sub.add_parser("split", help="image-level train/test split, tuning subset and val copy")
+    p = sub.add_parser("split", parents=[debug], help="image-level train/test split, tuning subset and val copy")
     p.add_argument("--source-dir", required=True, help="folder holding the source set")
     p.add_argument("--source", default="train2017", help="set to split (default train2017)")
     p.add_argument("--out", default=None, help="output folder (default: --source-dir)")
@@ -813,12 +847,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-source", default="val2017", help="set copied to 'val' when present (default val2017)")
     p.set_defaults(run=_cmd_split)
 
-    p = sub.add_parser("convert", help="convert .pt/.safetensors embedding files to .npy")
+    p = sub.add_parser("convert", parents=[debug], help="convert .pt/.safetensors embedding files to .npy")
     p.add_argument("dir", help="folder with NAME_image_embeddings.pt etc.")
     p.add_argument("--out", default=None, help="output folder (default: the same folder)")
     p.set_defaults(run=_cmd_convert)
 
-    p = sub.add_parser("check", help="load and validate one set")
+    p = sub.add_parser("check", parents=[debug], help="load and validate one set")
     p.add_argument("dir", help="data folder")
     p.add_argument("name", help="set name, e.g. train")
     p.set_defaults(run=_cmd_check)

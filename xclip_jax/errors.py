@@ -2,7 +2,9 @@
 
 import errno
 import functools
+import re
 import sys
+import warnings
 
 
 # How a full disk shows in OS, tensorstore (orbax) and SQLite messages.
@@ -14,13 +16,45 @@ def disk_full(message: str) -> str | None:
     return next((text for text in DISK_FULL if text in message), None)
 
 
+# scheme://user:password@host: everything between the user's colon and the @ is the secret.
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
+def exception_line(error: BaseException) -> str:
+    """``Type: first line of the message``: what an exception says, in one line (secrets masked)."""
+    text = str(error).strip()
+    first = mask_secrets(text.splitlines()[0]) if text else ""
+    return f"{type(error).__name__}: {first}"[:300] if first else type(error).__name__
+
+
 class UserError(Exception):
     """A problem with the user's input (config, data, storage): reported as one line, exit 2."""
 
 
-def cli(main):
+class XclipWarning(UserWarning):
+    """Something the user should know that does not stop the run: one ``warning: …`` line in a CLI."""
+
+
+def warn(message: str) -> None:
+    """Issue an XclipWarning (a CLI prints it as one line, without Python's source line)."""
+    warnings.warn(message, XclipWarning, stacklevel=2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, XclipWarning):
+        print(f"warning: {mask_secrets(str(message))}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
+def cli(main, interrupted: str = "interrupted"):
     """Wrap a CLI `main(argv)`: a UserError or a full disk prints one line and exits 2 (traceback only
-    with --debug); Ctrl-C prints one line and exits 130."""
+    with --debug); Ctrl-C prints ``interrupted`` (one line) and exits 130."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -28,17 +62,18 @@ def cli(main):
         debug = "--debug" in argv
         if debug:
             argv.remove("--debug")
+        warnings.showwarning = _show_warning
         try:
             return main(argv)
         except UserError as e:
             if debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
             raise SystemExit(2)
         except KeyboardInterrupt:
             if debug:
                 raise
-            print("interrupted", file=sys.stderr)
+            print(interrupted, file=sys.stderr)
             raise SystemExit(130)
         except Exception as e:  # a full disk, however the library that hit it words it
             full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or disk_full(str(e))
