@@ -22,11 +22,11 @@ def worker(url: str, reports: int, queue, plain: bool = False) -> None:
     import optuna
 
     from xclip_jax import study as st
-    from xclip_jax.config import TuneConfig
+    from xclip_jax.config import DataConfig, SyntheticData, TuneConfig
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        cfg = TuneConfig(storage=url)
+        cfg = TuneConfig(storage=url, data=DataConfig(synthetic=SyntheticData()))
         storage = optuna.storages.RDBStorage(url) if plain else st.make_storage(url, cfg)
         study = optuna.load_study(study_name="stress", storage=storage, pruner=st.make_pruner(cfg))
         trial = study.ask()

@@ -160,3 +160,73 @@ def test_tune_config_dump_round_trip(tmp_path):
     assert again == cfg
     assert dataclasses.replace(again, n_trials=9).n_trials == 9
     assert isinstance(again, TuneConfig)
+
+
+# Every section and key of the original's nine training configs (and of the best_config.yaml it wrote).
+ORIGINAL_FULL = """
+experiment_name: "clip_run"
+output_dir: "outputs"
+device: "cuda"
+seed: 42
+base_data_dir: "data"
+data:
+  train_image_embeddings: "train_image_embeddings.pt"
+  train_text_embeddings: "train_text_embeddings.pt"
+  train_metadata: "train_metadata.json"
+  val_image_embeddings: "val_image_embeddings.pt"
+  val_text_embeddings: "val_text_embeddings.pt"
+  val_metadata: "val_metadata.json"
+  test_image_embeddings: "test_image_embeddings.pt"
+  test_text_embeddings: "test_text_embeddings.pt"
+  test_metadata: "test_metadata.json"
+model: {type: clip, output_dim: 512, hidden_dim: 1024, dropout: 0.1, num_heads: 8, num_layers: 1}
+training: {batch_size: 2048, learning_rate: 1.0e-4, weight_decay: 1.0e-4, num_epochs: 50, patience: 5,
+           max_grad_norm: 1.0}
+loss: {type: softmax_infonce, temperature: 0.07, learnable_scale: true}
+evaluation: {top_k: [1, 5, 10], visualization_samples: 500, tsne_perplexity: 25, save_features: true}
+"""
+
+
+def test_every_key_of_the_original_training_configs_is_accepted(tmp_path):
+    path = tmp_path / "orig.yaml"
+    path.write_text(ORIGINAL_FULL)
+    cfg = load_train_config(path)
+    assert cfg.device == "cuda" and cfg.loss.learnable_temp is True
+    ev = cfg.evaluation
+    assert (ev.visualization_samples, ev.tsne_perplexity, ev.save_features) == (500, 25.0, True)
+    # without base_data_dir (four of the nine): the default folder
+    path.write_text(ORIGINAL_FULL.replace('base_data_dir: "data"\n', ""))
+    assert load_train_config(path).base_data_dir == "data"
+
+
+def test_original_clip_tuning_config_searches_learnable_scale(tmp_path):
+    path = tmp_path / "t.yaml"
+    raw = yaml.safe_load(TUNE)
+    raw["search_space"]["learnable_scale"] = {"type": "categorical", "choices": [True, False]}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_tune_config(path)
+    assert "learnable_temp" in cfg.search_space and "learnable_scale" not in cfg.search_space
+    assert trial_config(cfg, {"learnable_temp": True, "head_type": "clip"}).loss.learnable_temp is True
+    raw["search_space"]["learnable_temp"] = raw["search_space"]["learnable_scale"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="given twice"):
+        load_tune_config(path)
+
+
+@pytest.mark.parametrize("section", ["training", "tuning"])
+def test_a_config_without_data_is_refused_not_synthetic(tmp_path, section):
+    path = tmp_path / "c.yaml"
+    raw = yaml.safe_load(TUNE) if section == "tuning" else yaml.safe_load(ORIGINAL_FULL)
+    del raw["data"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        (load_tune_config if section == "tuning" else load_train_config)(path)
+    msg = str(e.value)
+    assert "no `data:` section" in msg and "synthetic: {}" in msg and "\n" not in msg
+
+
+def test_bad_device_and_evaluation_values(tmp_path):
+    for text, expected in (("device: tpu\n", "device 'tpu'"), ("evaluation: {tsne_perplexity: 0}\n", "tsne_perplexity"),
+                           ("evaluation: {visualization_samples: -1}\n", "visualization_samples")):
+        msg = _bad(tmp_path, "data: {synthetic: {}}\n" + text)
+        assert expected in msg, msg

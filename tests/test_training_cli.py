@@ -25,20 +25,21 @@ CONFIG = textwrap.dedent("""\
     model: {{type: {head}, output_dim: 16, hidden_dim: 32, dropout: 0.1, num_heads: 4, num_layers: 1}}
     training: {{batch_size: 128, learning_rate: 3.0e-3, weight_decay: 1.0e-4, num_epochs: {epochs}, patience: 10}}
     loss: {{type: {loss}, temperature: 0.07, learnable_scale: true, queue_size: 256}}
-    evaluation: {{top_k: [1, 5, 10]}}
+    evaluation: {{top_k: [1, 5, 10], visualization_samples: 60, tsne_perplexity: 10, save_features: {features}}}
 """)
 
 
-def write_config(tmp_path, name="cfg.yaml", head="clip", loss="softmax_infonce", epochs=3):
+def write_config(tmp_path, name="cfg.yaml", head="clip", loss="softmax_infonce", epochs=3, features=False):
     path = tmp_path / name
-    path.write_text(CONFIG.format(out=tmp_path / "out", head=head, loss=loss, epochs=epochs))
+    path.write_text(CONFIG.format(out=tmp_path / "out", head=head, loss=loss, epochs=epochs,
+                                  features=str(features).lower()))
     return path
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    cfg_path = write_config(tmp, head="attention", loss="queue_infonce")
+    cfg_path = write_config(tmp, head="attention", loss="queue_infonce", features=True)
     train.main([str(cfg_path), "--no-progress"])
     return tmp, cfg_path, tmp / "out" / "tiny"
 
@@ -57,6 +58,70 @@ def test_cli_writes_every_output(trained):
     assert set(metrics["test"]) >= {"i2t_recall@1", "t2i_recall@10", "i2t_median_rank", "mean_recall"}
     assert metrics["val"]["r1"] == pytest.approx(metrics["best_val_r1"])
     assert checkpoint.latest_step(run / "checkpoint") == metrics["best_epoch"]
+    for picture in ("test_pca.png", "test_tsne.png"):
+        assert (run / picture).read_bytes()[:4] == b"\x89PNG" and (run / picture).stat().st_size > 5000
+
+
+def test_save_features_writes_the_test_projections_and_their_similarity(trained):
+    _, _, run = trained
+    feats = run / "features"
+    zi, zt = np.load(feats / "test_image_features.npy"), np.load(feats / "test_text_features.npy")
+    row_image, sim = np.load(feats / "test_row_image.npy"), np.load(feats / "test_similarity.npy")
+    heads = checkpoint.restore(run / "checkpoint")
+    test = train.load_sets(heads.config, splits=("test",), announce=None)["test"]
+    assert zi.shape == (test.n_images, 16) and zt.shape == (test.rows, 16) and sim.shape == (test.n_images, test.rows)
+    np.testing.assert_allclose(zi, heads.encode_images(test.image), atol=1e-6)
+    np.testing.assert_allclose(zt, heads.encode_texts(test.text), atol=1e-6)
+    np.testing.assert_array_equal(row_image, test.row_image)
+    np.testing.assert_allclose(sim, zi.astype(np.float64) @ zt.T.astype(np.float64), atol=1e-5)
+    # the saved features reproduce the saved test metrics
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    assert retrieval_metrics_indexed(zi, zt, row_image, ks=(1, 5, 10)) == pytest.approx(metrics)
+
+
+def test_pictures_without_scikit_learn_say_so_and_draw_the_pca(tmp_path, monkeypatch):
+    from xclip_jax import figures
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    rng = np.random.default_rng(0)
+    zi, zt = rng.standard_normal((30, 8)), rng.standard_normal((90, 8))
+    said = []
+    written = figures.embedding_figures(zi, zt, np.repeat(np.arange(30), 3), samples=40, perplexity=5,
+                                        out_dir=tmp_path, prefix="test", announce=said.append)
+    assert written == [tmp_path / "test_pca.png"] and (tmp_path / "test_pca.png").stat().st_size > 5000
+    assert len(said) == 1 and "scikit-learn" in said[0] and "pip install '.[viz]'" in said[0]
+
+
+def test_pca_matches_a_float64_reference():
+    from xclip_jax.figures import pca
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6)) + 3.0
+    projected, ratio = pca(x, 4)
+    eigval, eigvec = np.linalg.eigh(np.cov(x.T))
+    order = np.argsort(eigval)[::-1]
+    np.testing.assert_allclose(ratio, eigval[order][:4] / eigval.sum(), rtol=1e-8)
+    ref = (x - x.mean(0)) @ eigvec[:, order[:4]]
+    np.testing.assert_allclose(np.abs(projected), np.abs(ref), atol=1e-8)  # up to each axis' sign
+
+
+def test_device_key(capsys):
+    import jax
+
+    assert train.select_device("auto") is None
+    assert train.select_device("cpu") == jax.devices("cpu")[0]
+    if jax.default_backend() == "cpu":  # no GPU here: cuda falls back to the CPU with one warning line
+        with pytest.warns(UserWarning, match="no GPU"):
+            assert train.select_device("cuda:0") == jax.devices("cpu")[0]
+
+
+def test_every_run_says_where_each_split_was_read_from(tmp_path):
+    said = []
+    cfg = load_train_config(write_config(tmp_path))
+    sets = train.load_sets(cfg, announce=said.append)
+    assert [line.split(" <- ")[0] for line in said] == ["data: train", "data: val", "data: test"]
+    assert all("synthetic" in line for line in said)
+    assert said[0].endswith(f"{sets['train'].rows:,} rows, {sets['train'].n_images:,} images")
 
 
 def test_restore_in_a_fresh_process_matches_in_process_heads(trained, tmp_path):
@@ -103,10 +168,52 @@ def test_evaluate_cli(trained, capsys):
     _, _, run = trained
     assert evaluate.main([str(run / "checkpoint"), "--set", "val"]) == 0
     assert "i2t" in capsys.readouterr().out
-    assert json.loads((run / "metrics_val.json").read_text())["r1"] > 0
+    assert json.loads((run / "checkpoint" / "metrics_val.json").read_text())["r1"] > 0
 
 
-def test_resume_gives_the_same_result(tmp_path):
+def _files(d, first_id=0):
+    """Small real embedding files (train_tuning, val, test), as `data split` would write them."""
+    from xclip_jax import data
+
+    sets = data.synthetic_splits(n_images=120, captions_per_image=5, image_dim=24, text_dim=40, val_images=30,
+                                 test_images=30, noise=0.5, seed=2)
+    for name, split in (("train_tuning", "train"), ("val", "val"), ("test", "test")):
+        data.save_set(d, sets[split], name)
+    return d
+
+
+def test_evaluate_a_trial_checkpoint_over_real_files(tmp_path, capsys):
+    """A tuning trial's checkpoint (its config names files, train_tuning_* among them): --set test and
+    --set val work, and each checkpoint keeps its own metrics file per set."""
+    from xclip_jax import evaluate
+
+    _files(tmp_path / "data")
+    raw = yaml.safe_load(write_config(tmp_path, epochs=1).read_text())
+    raw["base_data_dir"] = str(tmp_path / "data")
+    raw["data"] = {f"{s}_{p}": f"{f}_{p}.{'json' if p == 'metadata' else 'pt'}"
+                   for s, f in (("train", "train_tuning"), ("val", "val"), ("test", "test"))
+                   for p in ("image_embeddings", "text_embeddings", "metadata")}
+    ckpts = []
+    for number in (0, 1):
+        raw["seed"] = number
+        raw["output_dir"] = str(tmp_path / f"run{number}")
+        cfg_path = tmp_path / f"trial{number}.yaml"
+        cfg_path.write_text(yaml.safe_dump(raw))
+        train.main([str(cfg_path), "--no-progress"])
+        ckpts.append(tmp_path / f"run{number}" / "tiny" / "checkpoint")
+    out = capsys.readouterr().out
+    assert "data: train <- " + str(tmp_path / "data" / "train_tuning_image_embeddings.npy") in out  # .pt -> .npy
+    for ckpt in ckpts:
+        for split in ("test", "val"):
+            assert evaluate.main([str(ckpt), "--set", split]) == 0
+    files = {ckpt / f"metrics_{split}.json" for ckpt in ckpts for split in ("test", "val")}
+    assert len(files) == 4 and all(f.is_file() for f in files)
+    m0, m1 = (json.loads((c / "metrics_test.json").read_text()) for c in ckpts)
+    assert m0 != m1  # two trials' metrics, neither overwriting the other
+    assert m0 == pytest.approx(evaluate_checkpoint(ckpts[0], "test"))
+
+
+def test_resume_gives_the_same_result(tmp_path, capsys):
     """Two epochs, stop, resume to four == four epochs in one go (same seed)."""
     full = tmp_path / "full"
     full.mkdir()
@@ -115,6 +222,7 @@ def test_resume_gives_the_same_result(tmp_path):
     part.mkdir()
     train.main([str(write_config(part, epochs=2)), "--no-progress"])
     train.main([str(write_config(part, epochs=4)), "--no-progress", "--resume"])
+    assert "resume: training.num_epochs 2 -> 4 (applied)" in capsys.readouterr().out
     h_full = json.loads((full / "out/tiny/training_history.json").read_text())
     h_part = json.loads((part / "out/tiny/training_history.json").read_text())
     assert [h["epoch"] for h in h_part] == [0, 1, 2, 3]
@@ -123,6 +231,40 @@ def test_resume_gives_the_same_result(tmp_path):
     p_full, _ = checkpoint.load_raw(full / "out/tiny/checkpoint")
     p_part, _ = checkpoint.load_raw(part / "out/tiny/checkpoint")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_full, p_part)
+
+
+@pytest.mark.parametrize("change,said", [
+    ({"training": {"learning_rate": 1.0e-2}}, "training.learning_rate (0.003 -> 0.01)"),
+    ({"model": {"output_dim": 8}}, "model.output_dim (16 -> 8)"),
+    ({"model": {"type": "siglip"}, "loss": {"type": "sigmoid_infonce"}}, "loss.type ('softmax_infonce' -> "),
+])
+def test_resume_with_a_changed_config_is_refused_in_one_line(tmp_path, capsys, change, said):
+    from xclip_jax.errors import cli
+
+    path = write_config(tmp_path, epochs=1)
+    train.main([str(path), "--no-progress"])
+    raw = yaml.safe_load(path.read_text())
+    for section, values in change.items():
+        raw[section].update(values)
+    raw["training"]["num_epochs"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(train.main)([str(path), "--no-progress", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot --resume" in err and said in err and "num_epochs" not in err
+
+
+def test_interrupted_training_says_how_to_resume(capsys):
+    from xclip_jax.errors import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli(interrupted, interrupted=train.INTERRUPTED)([])
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().err
 
 
 def test_diverged_loss_is_a_clear_error(tmp_path, capsys):

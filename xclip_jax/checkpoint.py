@@ -140,6 +140,17 @@ def save_state(directory: str | Path, state, extra: dict, step: int) -> None:
         mngr.wait_until_finished()
 
 
+def read_state_extra(directory: str | Path) -> dict | None:
+    """The JSON ``extra`` of the latest ``save_state`` (without reading the state), or None."""
+    import orbax.checkpoint as ocp
+
+    step = latest_step(directory)
+    if step is None:
+        return None
+    with _manager(directory, create=False) as mngr:
+        return mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+
+
 def restore_state(directory: str | Path, target):
     """Restore ``(state, extra)`` saved by ``save_state`` into the structure of ``target``."""
     import orbax.checkpoint as ocp

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -32,6 +33,11 @@ def _check(cond: bool, msg: str):
 
 
 # ----------------------------------------------------------------------------- training config
+
+DEVICE = re.compile(r"auto|cpu|(cuda|gpu)(:\d+)?")
+NO_DATA = ("no `data:` section: name the embedding files (base_data_dir, and data: with train_image_embeddings, "
+           "train_text_embeddings, train_metadata, val_…, test_…), or ask for the built-in synthetic set with "
+           "`data: {synthetic: {}}`")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +145,26 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
+    """The final evaluation of a training run (the original's keys and meanings).
+
+    Attributes:
+      top_k: the cut-offs K of Recall@K.
+      visualization_samples: pairs of the test set drawn at random for the embedding pictures (a t-SNE
+        of both modalities and a PCA figure); 0 draws none.
+      tsne_perplexity: the t-SNE's perplexity.
+      save_features: also write the test set's projected image and text features and their
+        similarity matrix beside the metrics.
+    """
+
     top_k: tuple[int, ...] = (1, 5, 10, 50)
+    visualization_samples: int = 1000
+    tsne_perplexity: float = 30.0
+    save_features: bool = False
 
     def __post_init__(self):
         _check(len(self.top_k) > 0 and all(k >= 1 for k in self.top_k), "top_k must be a list of ints >= 1")
+        _check(self.visualization_samples >= 0, "visualization_samples must be >= 0 (0 draws no pictures)")
+        _check(self.tsne_perplexity > 0, "tsne_perplexity must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +174,18 @@ class TrainConfig:
     experiment_name: str = "xclip"
     output_dir: str = "outputs"
     seed: int = 42
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (gpu, gpu:N): where the training CLI runs
     base_data_dir: str = "data"
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(synthetic=SyntheticData()))
+    data: DataConfig | None = None
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+    def __post_init__(self):
+        _check(self.data is not None, NO_DATA)
+        _check(DEVICE.fullmatch(self.device) is not None,
+               f"device {self.device!r}: use auto, cpu, cuda or cuda:N (gpu, gpu:N also work)")
 
 
 # Keys the original spelled differently: old name -> our field name, per section.
@@ -239,7 +266,7 @@ class TuneConfig:
     storage: str = "sqlite:///optuna_study.db"
     timeout: float | None = None
     base_data_dir: str = "data"
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(synthetic=SyntheticData()))
+    data: DataConfig | None = None
     search_space: dict = dataclasses.field(default_factory=dict)
     pruner: PrunerConfig = dataclasses.field(default_factory=PrunerConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
@@ -257,6 +284,7 @@ class TuneConfig:
     trial_memory_limit_gb: float | None = None
 
     def __post_init__(self):
+        _check(self.data is not None, NO_DATA)
         _check(self.n_trials >= 1, "n_trials must be >= 1")
         _check(self.n_jobs >= 1, "n_jobs must be >= 1")
         _check(self.max_epochs >= 1, "max_epochs must be >= 1")
@@ -286,6 +314,8 @@ PARAM_PATHS = {
     "max_grad_norm": ("training", "max_grad_norm"),
     "dtype": ("training", "dtype"),
 }
+
+SECTION_TYPES = {"model": ModelConfig, "loss": LossConfig, "training": TrainingConfig}
 
 # The original's implicit conditions: a parameter is only sampled when these hold.
 DEFAULT_CONDITIONS = {
@@ -417,8 +447,24 @@ def load_train_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+# Parameter names of the original's tuning code that differ from ours.
+PARAM_ALIASES = {"learnable_scale": "learnable_temp"}
+
+
+def _canonical(mapping: dict, where: str) -> dict:
+    out = {}
+    for name, value in mapping.items():
+        canonical = PARAM_ALIASES.get(name, name)
+        if canonical in out:
+            raise ConfigError(f"{where}.{name}: given twice (once under its alias)")
+        out[canonical] = value
+    return out
+
+
 def validate_tune(cfg: TuneConfig) -> TuneConfig:
     """Checks that need more than one key: search-space names, conditions, fixed values."""
+    cfg = dataclasses.replace(cfg, search_space=_canonical(cfg.search_space, "search_space"),
+                              fixed=_canonical(cfg.fixed, "fixed"))
     spaces = {}
     for name, raw in cfg.search_space.items():
         if name not in PARAM_PATHS:

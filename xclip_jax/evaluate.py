@@ -23,6 +23,9 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | Non
     cfg = heads.config
     if data_dir is not None:
         eset = data.load_named_set(data_dir, split)
+    elif split not in ("train", "val", "test"):
+        raise UserError(f"--set {split}: a set NAME needs --data-dir DIR (with {split}_image_embeddings.npy etc.); "
+                        "without it use test, val or train")
     else:
         sets = load_sets(cfg, splits=(split,))
         if split not in sets:
@@ -37,6 +40,17 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | Non
     return retrieval_metrics_indexed(zi, zt, eset.row_image, ks=tuple(cfg.evaluation.top_k))
 
 
+def metrics_path(checkpoint_dir, split: str) -> Path:
+    """Where ``evaluate`` writes a checkpoint's metrics on ``split`` by default: inside the checkpoint's
+    own folder (a trial's ``checkpoints/00022/``, a run's ``checkpoint/``), so that every checkpoint
+    and set gets its own file. A step folder (``checkpoint/3``) is replaced by the next save: its
+    metrics go to the folder that holds it."""
+    folder = Path(checkpoint_dir).absolute()
+    if folder.name.isdigit() and (folder / "meta").exists():
+        folder = folder.parent
+    return folder / f"metrics_{split}.json"
+
+
 def main(argv=None):
     from xclip_jax.metrics import format_table
 
@@ -44,11 +58,12 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a checkpoint directory written by train or tune")
     parser.add_argument("--set", default="test", help="test, val, or a set NAME (with --data-dir)")
     parser.add_argument("--data-dir", help="folder with NAME_image_embeddings.* etc.")
-    parser.add_argument("--out", help="JSON output (default: CHECKPOINT/../metrics_<set>.json)")
+    parser.add_argument("--out", help="JSON output (default: CHECKPOINT/metrics_<set>.json, one per checkpoint and set)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     metrics = evaluate_checkpoint(args.checkpoint, args.set, args.data_dir)
     print(f"{args.set}:\n{format_table(metrics)}")
-    out = Path(args.out) if args.out else Path(args.checkpoint).absolute().parent / f"metrics_{args.set}.json"
+    out = Path(args.out) if args.out else metrics_path(args.checkpoint, args.set)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
     return 0

@@ -282,12 +282,54 @@ def encode(spec: TrainSpec, side: str, params, x, chunk_size: int = 8192) -> jax
     return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
 
 
+def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
+    """The heads' outputs for a device-resident set: (unique images [N, D], captions [T, D])."""
+    return (encode(spec, "image", params["image"], data.image_NxDi),
+            encode(spec, "text", params["text"], data.text_RxDt))
+
+
 def evaluate(state_or_params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
     """Full retrieval metrics of the heads on a device-resident set (images de-duplicated)."""
     params = state_or_params.params if isinstance(state_or_params, TrainState) else state_or_params
-    zi = encode(spec, "image", params["image"], data.image_NxDi)
-    zt = encode(spec, "text", params["text"], data.text_RxDt)
+    zi, zt = project(params, spec, data)
     return retrieval_metrics_indexed(zi, zt, data.row_image_R, ks=ks)
+
+
+# A similarity matrix larger than this is not written (the features are, and it is one product away).
+MAX_SIMILARITY_BYTES = 2 << 30
+
+
+def save_features(zi_NxD, zt_TxD, row_image_T, out_dir, split: str, announce=print) -> list:
+    """The projected features of a set and their cosine similarity matrix, as .npy files in ``out_dir``:
+    ``{split}_image_features`` [N unique images, D], ``{split}_text_features`` [T captions, D],
+    ``{split}_row_image`` [T] (the image of each caption) and ``{split}_similarity`` [N, T]."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, array in (("image_features", zi_NxD), ("text_features", zt_TxD), ("row_image", row_image_T)):
+        written.append(out_dir / f"{split}_{name}.npy")
+        np.save(written[-1], np.asarray(array))
+    n, t = zi_NxD.shape[0], zt_TxD.shape[0]
+    if 4 * n * t > MAX_SIMILARITY_BYTES:
+        if announce:
+            announce(f"features: {split}_similarity.npy skipped ({n:,} x {t:,} floats is over "
+                     f"{MAX_SIMILARITY_BYTES >> 30} GiB); it is image_features @ text_features.T")
+        return written
+    written.append(out_dir / f"{split}_similarity.npy")
+    sim = np.lib.format.open_memmap(written[-1], mode="w+", dtype=np.float32, shape=(n, t))
+    chunk = max(1, (64 << 20) // (4 * t))
+    for start in range(0, n, chunk):
+        sim[start:start + chunk] = np.asarray(_similarity_block(zi_NxD[start:start + chunk], zt_TxD))
+    sim.flush()
+    del sim
+    return written
+
+
+@jax.jit
+def _similarity_block(zi_CxD, zt_TxD):
+    return jnp.matmul(zi_CxD, zt_TxD.T, precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------- the fit loop
@@ -391,8 +433,12 @@ def spec_from_config(cfg, image_dim: int, text_dim: int) -> TrainSpec:
                      mask_batch_duplicates=loss.mask_batch_duplicates, max_grad_norm=tr.max_grad_norm)
 
 
-def load_sets(cfg, splits=("train", "val", "test")) -> dict:
-    """The config's embedding sets (host ``EmbeddingSet``s), validated; missing optional test → absent."""
+def load_sets(cfg, splits=("train", "val", "test"), announce=print) -> dict:
+    """The config's embedding sets (host ``EmbeddingSet``s), validated; missing optional test → absent.
+
+    ``announce`` gets one line per set saying which files it was read from and its size (None: quiet).
+    A validation or test set that shares images with the training set gets a warning.
+    """
     from xclip_jax import data
     from xclip_jax.errors import UserError
 
@@ -402,18 +448,24 @@ def load_sets(cfg, splits=("train", "val", "test")) -> dict:
         sets = data.synthetic_splits(n_images=s.images, captions_per_image=s.captions, image_dim=s.image_dim,
                                      text_dim=s.text_dim, val_images=s.val_images, test_images=s.test_images,
                                      seed=s.seed, **kwargs)
-        return {k: v for k, v in sets.items() if k in splits}
-    out = {}
-    for split in splits:
-        paths = cfg.data.paths(split, cfg.base_data_dir)
-        if paths is None:
-            continue
-        out[split] = data.load_embedding_set(*paths, name=split)
-    ref = out["train"]
+        out = {k: v for k, v in sets.items() if k in splits}
+    else:
+        out = {}
+        for split in splits:
+            paths = cfg.data.paths(split, cfg.base_data_dir)
+            if paths is None:
+                continue
+            out[split] = data.load_embedding_set(*paths, name=split)
+    ref_name, ref = next(iter(out.items()))
     for split, s in out.items():
         if (s.image_dim, s.text_dim) != (ref.image_dim, ref.text_dim):
-            raise UserError(f"{split} set has dims image {s.image_dim}/text {s.text_dim} but train has "
+            raise UserError(f"{split} set has dims image {s.image_dim}/text {s.text_dim} but {ref_name} has "
                             f"{ref.image_dim}/{ref.text_dim}; use embeddings from the same encoders")
+    for s in out.values():
+        if announce:
+            announce(data.source_line(s))
+        if "train" in out and s is not out["train"]:
+            data.check_disjoint(out["train"], s)
     return out
 
 
@@ -425,6 +477,11 @@ def check_fits(cfg, sets: dict) -> None:
     if cfg.training.batch_size > train.rows:
         raise UserError(f"training.batch_size={cfg.training.batch_size} is larger than the training set "
                         f"({train.rows} rows); lower batch_size")
+    if cfg.loss.type == "queue_infonce" and cfg.loss.queue_size < cfg.training.batch_size:
+        from xclip_jax.errors import warn
+
+        warn(f"loss.queue_size {cfg.loss.queue_size} is smaller than training.batch_size {cfg.training.batch_size}: "
+             "the queue holds less than one batch of negatives; raise queue_size")
     if cfg.model.type == "attention":
         for dim in (train.image_dim, train.text_dim):
             if dim % cfg.model.num_heads:
@@ -447,27 +504,39 @@ def heads_metadata(cfg, sets, epoch: int, val_r1: float) -> dict:
             "text_dim": int(train.text_dim), "version": xclip_jax.__version__}
 
 
-def plot_curves(history: list, best_epoch: int, path) -> None:
-    """Loss and validation R@1 per epoch, the best epoch marked, as a PNG."""
-    import matplotlib
+# Keys that may change between an interrupted run and its --resume: they do not change what the
+# epochs already trained computed (where the run stops, what the final evaluation writes, where).
+SAFE_ON_RESUME = ("training.num_epochs", "training.patience", "evaluation.", "device", "output_dir",
+                  "experiment_name")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
-    ax_r1.plot(epochs, [h["val_r1"] for h in history], marker="o", color="C2", label="val R@1")
-    for ax in (ax_loss, ax_r1):
-        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch {best_epoch}")
-        ax.set_xlabel("epoch")
-        ax.legend()
-    ax_loss.set_title("loss")
-    ax_r1.set_title("validation R@1 (mean of i2t, t2i)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict | None, current: dict) -> None:
+    """Refuse to resume with a changed config, except keys that are safe to change (applied, and
+    said in one line each)."""
+    from xclip_jax.errors import UserError
+
+    if saved is None:  # a resume state from before configs were recorded
+        return
+    old, new = _flat(saved), _flat(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    unsafe = [k for k in changed if not k.startswith(SAFE_ON_RESUME)]
+    if unsafe:
+        said = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in unsafe[:4])
+        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
+        raise UserError(f"cannot --resume: the config changed {said}{more} since the interrupted run; revert "
+                        "them, or train anew without --resume (or under another experiment_name)")
+    for k in changed:
+        print(f"resume: {k} {old.get(k)!r} -> {new.get(k)!r} (applied)")
 
 
 def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, on_epoch: Callable | None = None,
@@ -495,6 +564,8 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
 
     from xclip_jax import checkpoint
     from xclip_jax.config import to_dict
+    from xclip_jax.errors import warn
+    from xclip_jax.figures import plot_curves
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +582,12 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
     start_epoch, history, best = 0, [], None
     resume_dir = out_dir / "resume"
     if resume:
-        restored = checkpoint.restore_state(resume_dir, state)
+        saved = checkpoint.read_state_extra(resume_dir)
+        if saved is None:
+            warn(f"--resume: no interrupted run in {resume_dir}; training from epoch 0")
+        else:
+            check_resumable(saved.get("config"), cfg_dict)
+        restored = checkpoint.restore_state(resume_dir, state) if saved is not None else None
         if restored is not None:
             state, extra = restored
             state = jax.device_put(state)
@@ -532,7 +608,8 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
                 save_best(state.params, epoch, record["val_r1"])
             checkpoint.save_state(resume_dir, state, {"epoch": epoch, "history": history,
                                                       "best_epoch": best_so_far["epoch"],
-                                                      "best_r1": best_so_far["r1"]}, step=epoch)
+                                                      "best_r1": best_so_far["r1"], "config": cfg_dict},
+                                  step=epoch)
         return on_epoch(epoch, record, state, improved) if on_epoch else None
 
     def save_best(params, epoch, r1):
@@ -552,12 +629,50 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True, o
         plot_curves(history, result.best_epoch, out_dir / "training_curves.png")
         metrics = {"best_epoch": result.best_epoch, "best_val_r1": result.best_r1}
         spec = result.state.spec
+        shown = "test" if "test" in sets else "val"  # the set the features and pictures show
         for split in ("test", "val"):
-            if split in sets:
-                metrics[split] = evaluate(result.best_params, spec, to_device(sets[split]), ks)
+            if split not in sets:
+                continue
+            split_data = to_device(sets[split])
+            zi, zt = project(result.best_params, spec, split_data)
+            metrics[split] = retrieval_metrics_indexed(zi, zt, split_data.row_image_R, ks=ks)
+            if split != shown:
+                continue
+            ev = cfg.evaluation
+            if ev.save_features:
+                save_features(zi, zt, split_data.row_image_R, out_dir / "features", split)
+            if ev.visualization_samples:
+                from xclip_jax.figures import embedding_figures
+
+                embedding_figures(zi, zt, np.asarray(split_data.row_image_R), samples=ev.visualization_samples,
+                                  perplexity=ev.tsne_perplexity, out_dir=out_dir, prefix=split, seed=cfg.seed)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         summary["metrics"] = metrics
     return summary
+
+
+INTERRUPTED = ("interrupted: the last finished epoch is saved; run the same command with --resume to continue "
+               "from there")
+
+
+def select_device(device: str):
+    """The JAX device a config's ``device`` names (None: JAX's default). ``cuda``/``gpu`` on a machine
+    where JAX sees no GPU warns in one line and trains on the CPU, as the original fell back."""
+    from xclip_jax.errors import UserError, warn
+
+    if device == "auto":
+        return None
+    kind, _, index = device.partition(":")
+    platform = "cpu" if kind == "cpu" else "gpu"
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        warn(f"device: {device}, but JAX sees no GPU (install with pip install '.[cuda12]'); training on the CPU")
+        return jax.devices("cpu")[0]
+    if int(index or 0) >= len(devices):
+        raise UserError(f"device: {device}, but JAX sees {len(devices)} {platform} device(s); "
+                        f"use {kind}:0 to {kind}:{len(devices) - 1}")
+    return devices[int(index or 0)]
 
 
 def main(argv=None):
@@ -574,13 +689,15 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     cfg = load_train_config(args.config)
     if args.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
     out_dir = Path(cfg.output_dir) / cfg.experiment_name
     try:
-        summary = run_training(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
+        with jax.default_device(select_device(cfg.device)):
+            summary = run_training(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
     print(f"best epoch {summary['best_epoch']} (val R@1 {summary['best_val_r1']:.4f}, {summary['stopped']})")
@@ -594,4 +711,4 @@ def main(argv=None):
 if __name__ == "__main__":
     from xclip_jax.errors import cli
 
-    raise SystemExit(cli(main)())
+    raise SystemExit(cli(main, interrupted=INTERRUPTED)())
