@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.test_tune import TUNE
-from xclip_jax import data, train, tune
+from xclip_jax import data, report, train, tune
 from xclip_jax.errors import UserError, cli
 
 
@@ -44,9 +44,9 @@ def train_yaml(tmp_path, **patch):
 def files(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
-    for split, n in (("train", 40), ("val", 20)):
+    for split, n, first_id in (("train", 40, 0), ("val", 20, 1000)):
         img, txt, ids = data.synthesize(n // 5, 5, 8, 12, seed=1)
-        data.write_embedding_set(d, split, img, txt, ids)
+        data.write_embedding_set(d, split, img, txt, ids + first_id)
     return d
 
 
@@ -105,10 +105,39 @@ def tune_yaml(tmp_path, **patch):
     return path
 
 
-def test_storage_unreachable(tmp_path, capsys):
-    path = tune_yaml(tmp_path, storage="postgresql+psycopg://nobody@127.0.0.1:1/none")
+def test_storage_unreachable_never_shows_the_password(tmp_path, capsys):
+    path = tune_yaml(tmp_path, storage="postgresql+psycopg://nobody:S3CRET-PW@127.0.0.1:1/none")
     err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
     assert "127.0.0.1:1" in err and "unreachable" in err
+    assert "S3CRET-PW" not in err and "nobody:***@" in err
+    err = run_cli(report.main, ["postgresql+psycopg://nobody:S3CRET-PW@127.0.0.1:1/none", "s"], capsys)
+    assert "S3CRET-PW" not in err and "127.0.0.1:1" in err
+
+
+def test_missing_postgres_driver_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` fails as if not installed
+    from xclip_jax import study as st
+
+    with pytest.raises(UserError) as e:
+        st.make_storage("postgresql+psycopg://alice:PW@127.0.0.1:5432/test")
+    msg = str(e.value)
+    assert "pip install '.[postgres]'" in msg and "unreachable" not in msg and "PW@" not in msg
+
+
+def test_storage_url_takes_secrets_from_the_environment(tmp_path, monkeypatch):
+    from xclip_jax import study as st
+
+    monkeypatch.setenv("XCLIP_TEST_DB", str(tmp_path / "from_env.db"))
+    st.make_storage("sqlite:///${XCLIP_TEST_DB}")
+    assert (tmp_path / "from_env.db").is_file()
+    with pytest.raises(UserError, match="XCLIP_NOT_SET is not set"):
+        st.make_storage("postgresql+psycopg://alice:${XCLIP_NOT_SET}@host/db")
+
+
+@pytest.mark.parametrize("module", ["tune", "train", "evaluate", "report", "data"])
+def test_every_help_shows_debug(module):
+    out = subprocess.run([sys.executable, "-m", f"xclip_jax.{module}", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--debug" in out.stdout
 
 
 def test_tune_config_as_the_original_flag_or_the_default(tmp_path, capsys, monkeypatch):
@@ -134,7 +163,9 @@ def test_changed_search_space_via_cli(tmp_path, capsys):
 
     cfg = load_tune_config(path)
     s = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
-    st.check_space(s, cfg)
+    st.store_space(s, cfg)
+    s.add_trial(optuna.trial.create_trial(params={"head_type": "clip"}, value=0.5, distributions={
+        "head_type": optuna.distributions.CategoricalDistribution(["siglip", "clip", "mlp"])}))
     raw = yaml.safe_load(path.read_text())
     raw["search_space"]["head_type"]["choices"] = ["attention"]
     path.write_text(yaml.safe_dump(raw))
@@ -158,6 +189,9 @@ def test_tune_batch_choice_larger_than_data(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
     assert "4096" in err and "1500 rows" in err
+    # nothing was stored: fixing the config and rerunning starts clean, not with "search space changed"
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path}/study.db") == []
+    assert not (tmp_path / "checkpoints" / ".study_name").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -194,6 +228,14 @@ def test_second_study_in_the_same_checkpoint_dir_is_refused(tmp_path, capsys):
     tune.claim_checkpoint_dir(ckpt, "tiny")  # the same study (a resume, another machine) is welcome
     err = run_cli(tune.main, [str(tune_yaml(tmp_path)), "--study-name", "other", "--no-progress"], capsys)
     assert "study 'tiny'" in err and "'other'" in err and "--checkpoint-dir" in err
+    # its own checkpoint_dir, but the first study's output_dir (its best_config.yaml): refused too
+    results = tmp_path / "results"  # the tiny config's output_dir
+    results.mkdir(exist_ok=True)
+    (results / "best_results.json").write_text(json.dumps({"study_name": "tiny"}))
+    err = run_cli(tune.main, [str(tune_yaml(tmp_path)), "--study-name", "other", "--checkpoint-dir",
+                              str(tmp_path / "other_ckpt"), "--no-progress"], capsys)
+    assert "output_dir" in err and "study 'tiny'" in err and "--output-dir" in err and "--checkpoint-dir" not in err
+    assert not (tmp_path / "other_ckpt" / ".study_name").exists()
     # a folder from before the marker: the owner is read from a trial's cfg.yaml
     old = tmp_path / "old"
     (old / "00000").mkdir(parents=True)

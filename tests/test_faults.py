@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.test_tune import driver, env, load, running_with_pid, wait_for, write
 from xclip_jax import checkpoint
 from xclip_jax import study as st
 
+SECRET = "pw-S3CRET-xyz"
 PG_URL = os.environ.get("XCLIP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -138,11 +138,14 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
     for machine in ("a", "b"):
         d = tmp_path / machine
         d.mkdir()
+        # machine a names a password in its URL (trust auth ignores it): it must appear nowhere
+        # (--storage, as the guide's users pass it; trust auth ignores the password)
+        url = PG_URL.replace("postgres@", f"postgres:{SECRET}@") if machine == "a" else PG_URL
         cfg_path = write(d, n_trials=12, study_name=name, storage=PG_URL, grace_period=4)
         e = env(d)
         e["XCLIP_HOSTNAME"] = f"machine-{machine}"
         procs[machine] = (d, cfg_path, subprocess.Popen(
-            [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"], env=e,
+            [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", "--storage", url], env=e,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
 
     def a_running():
@@ -179,6 +182,10 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
     keys = [(t.user_attrs["host"], t.user_attrs["pid"]) for t in ran]
     assert len(keys) == len(set(keys))  # no process ran two trials, no trial ran in two processes
     assert len({t.number for t in trials}) == len(trials)
+    out_a, _ = procs["a"][2].communicate()
+    assert SECRET not in out_a + out_b
+    for f in (tmp_path / "a").rglob("*"):
+        assert not f.is_file() or SECRET.encode() not in f.read_bytes(), f
     best = json.loads((procs["b"][0] / "results" / "best_results.json").read_text())
     assert best["best_trial"] == study.best_trial.number
     assert best["best_value"] == pytest.approx(study.best_value)

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from xclip_jax.errors import UserError, cli
+from xclip_jax.errors import UserError, cli, mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Report(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped: dict[str, str] = {}
+        self.warnings: list[str] = []
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -378,58 +379,24 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _redacted(url: str) -> str:
-    """`url` with any password masked, for error messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
 
 
-def _open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open an existing RDB storage, or raise UserError naming it and the fix."""
-    shown = _redacted(url)
-    if "://" not in url:
-        hint = f"; for a SQLite file use sqlite:///{url}" if Path(url).exists() else ""
-        raise UserError(
-            f"storage {url!r} is not a database URL (e.g. sqlite:///optuna.db or "
-            f"postgresql+psycopg://user@host/db){hint}"
-        )
-    if url.startswith("sqlite:///"):
-        # SQLAlchemy would silently create an empty database at a mistyped path.
-        db = url[len("sqlite:///") :].split("?", 1)[0]
-        if db not in ("", ":memory:") and not Path(db).is_file():
-            raise UserError(
-                f"storage {shown!r}: SQLite file {db!r} does not exist; pass the "
-                f"database the tuner wrote (its --storage)"
-            )
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # driver missing, bad URL, server down, old schema, ...
-        raise UserError(
-            f"cannot open storage {shown!r}: {_first_line(e)}; check the URL and that "
-            f"the database is reachable"
-        ) from e
-
-
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
     """Load `study_name` from `storage_url`; UserError (listing the studies there) if absent."""
-    storage = _open_storage(storage_url)
+    from xclip_jax.study import make_storage
+
+    storage = make_storage(storage_url, must_exist=True)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as e:
         raise UserError(
-            f"cannot read studies from storage {_redacted(storage_url)!r}: {_first_line(e)}"
+            f"cannot read studies from storage {mask_secrets(storage_url)!r}: {_first_line(e)}"
         ) from e
     if study_name not in names:
-        where = f"storage {_redacted(storage_url)!r}"
+        where = f"storage {mask_secrets(storage_url)!r}"
         if names:
             listed = ", ".join(sorted(names))
             raise UserError(
@@ -454,6 +421,7 @@ def _parser() -> argparse.ArgumentParser:
         default="optuna_results",
         help="where to write the report (default: %(default)s)",
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -20,29 +23,60 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from xclip_jax.config import PARAM_PATHS, ParamSpace, TrainConfig, TuneConfig, condition
-from xclip_jax.errors import UserError
+from xclip_jax.config import PARAM_PATHS, SECTION_TYPES, ParamSpace, TuneConfig, condition
+from xclip_jax.data import source_line
+from xclip_jax.errors import UserError, exception_line, mask_secrets
 
 SPACE_ATTR = "xclip_search_space"
+SKIPPED_ATTR = "xclip_skipped"  # a sampled combination that can't run: told PRUNED at once, not counted
 log = logging.getLogger("xclip_jax.tune")
 
 
 # ----------------------------------------------------------------------------- storage
 
 
-def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = False):
-    """An Optuna storage for ``url``; unreachable or malformed URLs raise a one-line UserError.
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_url(url: str) -> str:
+    """A storage URL with each ``${NAME}`` replaced by that environment variable, so that a config
+    can say ``postgresql+psycopg://alice:${PGPASSWORD}@host/db`` and hold no secret itself (libpq's own
+    PGPASSWORD and ~/.pgpass work too, with no password in the URL)."""
+
+    def value(match):
+        if match.group(1) not in os.environ:
+            raise UserError(f"storage {mask_secrets(url)}: environment variable {match.group(1)} is not set; "
+                            "export it or write the URL without it")
+        return os.environ[match.group(1)]
+
+    return _ENV_REF.sub(value, url)
+
+
+def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = False, must_exist: bool = False):
+    """An Optuna storage for ``url`` (``${NAME}`` expanded); bad, unreachable or driverless URLs raise a
+    one-line UserError that never shows the password.
 
     SQLite gets a long busy timeout so that many trial processes can report at once; PostgreSQL
     (and other servers) a pre-pinged, small connection pool. With ``heartbeat`` the driver's
     storage records heartbeats, so that drivers can tell the trials of a dead driver (stale ones).
+    With ``must_exist`` a SQLite file that is not there is an error (SQLAlchemy would silently
+    create an empty database at a mistyped path).
     """
     from optuna.storages import RDBStorage
 
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):])
+    shown = mask_secrets(url)
+    if "://" not in url:
+        hint = f"; for a SQLite file use sqlite:///{url}" if Path(url).exists() else ""
+        raise UserError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db or "
+                        f"postgresql+psycopg://user@host/db){hint}")
+    full = expand_url(url)
+    if full.startswith("sqlite:///"):
+        db = Path(full[len("sqlite:///"):].split("?", 1)[0])
+        if must_exist and str(db) not in ("", ":memory:") and not db.is_file():
+            raise UserError(f"storage {shown!r}: SQLite file {str(db)!r} does not exist; pass the database the "
+                            "tuner wrote (its --storage)")
         if db.parent and not db.parent.exists():
-            raise UserError(f"storage {url}: folder {db.parent} does not exist; create it or change storage")
+            raise UserError(f"storage {shown}: folder {db.parent} does not exist; create it or change storage")
         engine_kwargs = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
@@ -51,13 +85,13 @@ def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = F
         kwargs = dict(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
     try:
         with quiet_optuna():
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except ModuleNotFoundError as e:
-        raise UserError(f"storage {url}: driver module {e.name!r} is missing; "
-                        "pip install 'xclip_jax[postgres]' for PostgreSQL") from None
+            return RDBStorage(full, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError:  # Optuna's own check, or SQLAlchemy's import of the driver
+        raise UserError(f"storage {shown}: its database driver is not installed; for PostgreSQL "
+                        "pip install '.[postgres]' (psycopg 3) and use postgresql+psycopg://…") from None
     except Exception as e:  # sqlalchemy raises many kinds; all mean the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"storage {url} is unreachable ({first}); check the URL and that the server runs") from None
+        raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
+                        "that the server runs") from None
 
 
 @contextlib.contextmanager
@@ -134,16 +168,18 @@ def suggest(trial: optuna.Trial, name: str, space: ParamSpace):
 
 
 def _value_of(name: str, params: dict, cfg: TuneConfig):
+    """A parameter's value in a trial: sampled, else fixed, else the training config's default."""
     if name in params:
         return params[name]
     if name in cfg.fixed:
         return cfg.fixed[name]
     section, key = PARAM_PATHS[name]
-    return getattr(getattr(TrainConfig(), section), key)
+    return getattr(SECTION_TYPES[section](), key)
 
 
-def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
-    """Suggest every active parameter: one whose condition holds given those sampled before it."""
+def _walk(cfg: TuneConfig, pick) -> dict:
+    """Every active parameter (one whose condition holds given those picked before it), in an order
+    where conditions come first, each value from ``pick(name, space)``."""
     params: dict = {}
     pending = dict(cfg.search_space)
     while pending:
@@ -155,10 +191,110 @@ def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
             del pending[name]
             progressed = True
             if all(_value_of(dep, params, cfg) in allowed for dep, allowed in cond.items()):
-                params[name] = suggest(trial, name, space)
+                params[name] = pick(name, space)
         if not progressed:
             raise UserError(f"search_space: circular `when` conditions among {', '.join(pending)}; break the cycle")
     return params
+
+
+def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
+    """Suggest every active parameter: one whose condition holds given those sampled before it."""
+    return _walk(cfg, lambda name, space: suggest(trial, name, space))
+
+
+MAX_SKIPPED_IN_A_ROW = 200
+
+
+def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, int]):
+    """The next trial to run, its parameters sampled, its heartbeat started; None when it is surplus
+    (another driver asked at the same moment and the study's total is reached).
+
+    A sampled combination that can't run on this data (``combination_problem``) is pruned from
+    sampling: told PRUNED at once with the reason (so the sampler learns to avoid it), marked so that
+    it counts toward nothing, and the next one is asked.
+    """
+    for _ in range(MAX_SKIPPED_IN_A_ROW):
+        with quiet_optuna():
+            trial = study.ask()
+        tid = trial._trial_id
+        storage.record_heartbeat(tid)
+        if is_surplus(study, trial.number, cfg.n_trials):
+            storage.set_trial_system_attr(tid, "xclip_surplus", True)
+            study.tell(trial.number, state=TrialState.FAIL)
+            return None
+        problem = combination_problem(sample(trial, cfg), cfg, dims)
+        if not problem:
+            return trial
+        storage.set_trial_system_attr(tid, SKIPPED_ATTR, problem)
+        trial.set_user_attr("skipped", problem)
+        study.tell(trial.number, state=TrialState.PRUNED)
+    raise UserError(f"search_space: the last {MAX_SKIPPED_IN_A_ROW} sampled combinations could not run "
+                    f"({problem}); remove the choices that cause it")
+
+
+# ----------------------------------------------------------------------------- combinations vs the data
+
+# The parameters whose combinations (with the data's dims) can make a trial impossible or pointless.
+_CONSTRAINED = ("head_type", "num_heads", "loss_type", "queue_size", "batch_size")
+
+
+def combination_problem(values: dict, cfg: TuneConfig, dims: tuple[int, int]) -> str | None:
+    """Why one trial's parameters can't run on data of input ``dims`` (image, text), or None."""
+    value = functools.partial(_value_of, params=values, cfg=cfg)
+    if value("head_type") == "attention" and any(d % value("num_heads") for d in dims):
+        return (f"attention needs num_heads dividing the input dims (image {dims[0]}, text {dims[1]}), "
+                f"got num_heads {value('num_heads')}")
+    if value("loss_type") == "queue_infonce" and value("queue_size") < value("batch_size"):
+        return (f"queue_size {value('queue_size')} is smaller than batch_size {value('batch_size')} "
+                "(the queue must hold at least one batch)")
+    return None
+
+
+def _values(space: ParamSpace) -> list:
+    if space.type == "categorical":
+        return list(space.choices)
+    if space.type == "int" and (space.high - space.low) / (space.step or 1) <= 256:
+        return list(range(int(space.low), int(space.high) + 1, int(space.step or 1)))
+    return [space.low, space.high]
+
+
+def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str | None:
+    """Check every choice against the data and the other choices, before anything is stored.
+
+    A choice that no combination can run with (a batch larger than the data, num_heads that
+    divides no input dim) is an error naming it and the fix; combinations that only some draws hit
+    (a queue smaller than the batch) are skipped when sampled, and the returned warning says which.
+    """
+    batch_space = cfg.search_space.get("batch_size")
+    batches = _values(batch_space) if batch_space else [_value_of("batch_size", {}, cfg)]
+    too_big = [b for b in batches if b > rows]
+    if too_big:
+        raise UserError(f"batch_size {too_big} larger than the training set ({rows} rows); "
+                        "remove those choices or use a larger training set")
+    involved = [n for n in cfg.search_space if n in _CONSTRAINED]
+    for name in list(involved):  # with the parameters their conditions read
+        involved += [d for d in (condition(name, cfg.search_space[name]) or {})
+                     if d in cfg.search_space and d not in involved]
+    combos = {}
+    for picked in itertools.product(*(_values(cfg.search_space[n]) for n in involved)):
+        full = dict(zip(involved, picked))
+        active = {n: v for n, v in _walk(cfg, lambda name, _: full.get(name)).items() if n in full}
+        combos[tuple(sorted(active.items(), key=str))] = combination_problem(active, cfg, dims)
+    if all(combos.values()):
+        example = next(iter(combos.values()))
+        raise UserError(f"search_space: no combination of the choices can run on this data ({example}); "
+                        "change the choices or fixed values")
+    for name in involved:
+        for choice in _values(cfg.search_space[name]):
+            hits = [problem for combo, problem in combos.items() if (name, choice) in combo]
+            if hits and all(hits):
+                raise UserError(f"search_space.{name}: choice {choice!r} can never run here ({hits[0]}); "
+                                "remove it")
+    skipped = sorted({p for p in combos.values() if p})
+    if not skipped:
+        return None
+    return (f"search_space: {sum(map(bool, combos.values()))} of {len(combos)} combinations are skipped when "
+            f"sampled ({'; '.join(skipped[:3])}{' …' if len(skipped) > 3 else ''})")
 
 
 def space_record(cfg: TuneConfig) -> dict:
@@ -170,16 +306,16 @@ def _jsonable(x):
 
 
 def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
-    """Store the search space with a new study; refuse a changed one under the same name.
+    """Refuse a search space that changed under an existing study name (reads only).
 
     A categorical parameter whose choices changed, or a parameter whose type changed, cannot
     continue (Optuna can't compare its trials); a changed numeric range is allowed with a warning.
+    A study with no finished or running trial may change its space freely.
     """
-    new = _jsonable(space_record(cfg))
     old = study.user_attrs.get(SPACE_ATTR)
-    if old is None:
-        study.set_user_attr(SPACE_ATTR, new)
+    if old is None or not _has_trials(study):
         return
+    new = _jsonable(space_record(cfg))
     for name in sorted(set(old) & set(new)):
         a, b = old[name], new[name]
         fix = f"use a new study_name or revert search_space.{name}"
@@ -191,6 +327,25 @@ def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
                             f"{a['choices']}, config has {b['choices']}; {fix}")
         if a != b:
             log.warning("search space of %s changed (%s → %s); continuing the study", name, a, b)
+
+
+def store_space(study: optuna.Study, cfg: TuneConfig) -> None:
+    """Record the search space with the study (after ``check_space`` passed): a new study's, or the
+    new space of a study that has no trials yet."""
+    if SPACE_ATTR not in study.user_attrs or not _has_trials(study):
+        study.set_user_attr(SPACE_ATTR, _jsonable(space_record(cfg)))
+
+
+def _has_trials(study: optuna.Study) -> bool:
+    c = counts(study)
+    return bool(c["finished"] or c["running"] or c["retried"])
+
+
+def find_study(storage, name: str) -> optuna.Study | None:
+    """The study ``name`` in the storage, or None (creates nothing)."""
+    if name not in optuna.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -205,10 +360,13 @@ def counts(study: optuna.Study) -> dict:
     """Trial counts toward ``n_trials``: finished (complete/pruned/failed-not-retried), running."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    c = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "retried": 0, "surplus": 0}
+    c = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "retried": 0, "surplus": 0,
+         "skipped": 0}
     for t in trials:
         if t.system_attrs.get("xclip_surplus"):
             c["surplus"] += 1
+        elif SKIPPED_ATTR in t.system_attrs:
+            c["skipped"] += 1
         elif t.state == TrialState.COMPLETE:
             c["complete"] += 1
         elif t.state == TrialState.PRUNED:
@@ -228,7 +386,7 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     counted = [t for t in trials if t.number <= number and not t.system_attrs.get("xclip_surplus")
-               and t.state != TrialState.WAITING
+               and SKIPPED_ATTR not in t.system_attrs and t.state != TrialState.WAITING
                and not (t.state == TrialState.FAIL and t.number in retried)]
     return len(counted) > n_trials
 
@@ -260,6 +418,7 @@ def write_cache(sets: dict, directory: Path) -> None:
         np.save(tmp / f"{split}_text.npy", s.text)
         np.save(tmp / f"{split}_row_image.npy", s.row_image)
         np.save(tmp / f"{split}_image_ids.npy", np.asarray([str(i) for i in s.image_ids]))
+    (tmp / "sources.txt").write_text("".join(source_line(s) + "\n" for s in sets.values()))
     (tmp / "done").write_text("ok")
     try:
         tmp.rename(directory)
@@ -267,6 +426,12 @@ def write_cache(sets: dict, directory: Path) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_sources(directory: Path) -> list[str]:
+    """The lines saying where the cached sets were read from (as printed when they were loaded)."""
+    path = directory / "sources.txt"
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def read_cache(directory: Path, splits=("train", "val")) -> dict:

@@ -9,12 +9,14 @@ with the reason from this process's log.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
 import time
+import traceback
 
-from xclip_jax.errors import cli
+from xclip_jax.errors import cli, disk_full, exception_line
 
 
 def _die_with_parent() -> None:
@@ -45,10 +47,12 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
     from xclip_jax import study as st
     from xclip_jax.config import dump_yaml, load_tune_config, trial_config
     from xclip_jax.train import TrainingDiverged, run_training
-    from xclip_jax.tune import TRIAL_HEADER, host_name
+    from xclip_jax.tune import STORAGE_ENV, TRIAL_HEADER, host_name
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_tune_config(config_path)
+    # The driver passes the storage URL (with any password) in the environment, not in the file.
+    cfg = dataclasses.replace(cfg, storage=os.environ.get(STORAGE_ENV, cfg.storage))
     storage = st.make_storage(cfg.storage, cfg)
     # The study's pruner lives in this process: load it with the configured one, not Optuna's default.
     study = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=st.make_pruner(cfg),
@@ -87,6 +91,13 @@ def run_trial(config_path: str, trial_id: int, cache_dir: str) -> int:
         study.tell(number, state=TrialState.FAIL)
         print(f"FAIL: {e}", file=sys.stderr, flush=True)
         return 3
+    except Exception as e:  # the trial's own error, not whatever the log's last line happens to be
+        if disk_full(str(e)):
+            raise  # not the trial's fault: the driver retries its parameters and stops launching
+        traceback.print_exc()
+        trial.set_user_attr("fail_reason", exception_line(e))
+        study.tell(number, state=TrialState.FAIL)
+        return 1
     trial.set_user_attr("startup_seconds", round(summary["data_ready_time"] - spawn_time, 3))
     trial.set_user_attr("compile_seconds", round(summary["compile_seconds"], 3))
     trial.set_user_attr("train_seconds", round(summary["train_seconds"], 3))

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from xclip_jax.errors import UserError, cli, disk_full
+from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 
 
 def host_name() -> str:
@@ -58,9 +59,25 @@ def _log_tail(path: Path, size: int = 65536) -> str:
         return ""
 
 
-def _exit_reason(rc: int, log_tail: str) -> str:
+# What JAX prints after an exception when it filters its own frames from the traceback: a note,
+# not the error.
+_JAX_NOTE = ("For simplicity, JAX has removed its internal frames", "--------------------")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
+def _error_line(log_tail: str) -> str:
+    """The line of a trial's log that says what went wrong: the last exception line (``XError:
+    message``), else the last line that is not JAX's traceback-filter note."""
     lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-    last = lines[-1][:300] if lines else ""
+    lines = [ln for ln in lines if not ln.startswith(_JAX_NOTE)]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def _exit_reason(rc: int, log_tail: str) -> str:
+    last = mask_secrets(_error_line(log_tail))
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
         why = f"killed by {name}"
@@ -83,23 +100,53 @@ def check_writable(directory: Path) -> None:
 
 
 TRIAL_HEADER = "# trial {number} of study {study}\n"  # the first line of each trial's cfg.yaml
+MARKER = ".study_name"
+STORAGE_ENV = "XCLIP_STORAGE_URL"
+MAX_SKIPPED_IN_A_ROW = 200
+
+
+def _owner(directory: Path, kind: str) -> str | None:
+    """The study that a checkpoint_dir / output_dir belongs to, or None for a fresh folder."""
+    marker = directory / MARKER
+    if marker.exists():
+        return marker.read_text().strip()
+    if kind == "checkpoint_dir":  # a folder from before the marker: a trial's cfg.yaml names its study
+        first = min(directory.glob("[0-9]*/cfg.yaml"), default=None)
+        header = first.read_text().split("\n", 1)[0] if first else ""
+        return header.split(" of study ", 1)[1].strip() if " of study " in header else None
+    try:  # an output_dir from before the marker: its best_results.json names the study
+        return json.loads((directory / "best_results.json").read_text())["study_name"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_owners(folders: dict, study_name: str) -> None:
+    """Refuse ``{kind: folder}`` (checkpoint_dir, output_dir) that hold another study's files: trial
+    numbers restart at 0 in every study and outputs have fixed names, so a second study would
+    overwrite them. Reads only."""
+    taken = {kind: (folder, owner) for kind, folder in folders.items()
+             if (owner := _owner(Path(folder), kind)) not in (None, study_name)}
+    if not taken:
+        return
+    what = {"checkpoint_dir": "the trial checkpoints", "output_dir": "the outputs"}
+    said = "; ".join(f"{kind} {folder} holds {what[kind]} of study '{owner}'" for kind, (folder, owner) in taken.items())
+    flags = " and ".join(f"--{kind.replace('_', '-')}" for kind in taken)
+    raise UserError(f"{said}: study '{study_name}' would overwrite them; give it its own {' and '.join(taken)} "
+                    f"({flags})")
+
+
+def claim(folders: dict, study_name: str) -> None:
+    """Mark each folder as this study's (after ``check_owners`` passed)."""
+    for folder in folders.values():
+        marker = Path(folder) / MARKER
+        if not marker.exists():
+            marker.write_text(study_name + "\n")
 
 
 def claim_checkpoint_dir(directory: Path, study_name: str) -> None:
-    """Mark ``directory`` as this study's; refuse one that holds another study's trial checkpoints
-    (trial numbers restart at 0 in every study, so a second study would overwrite them)."""
-    marker = directory / ".study_name"
-    if marker.exists():
-        owner = marker.read_text().strip()
-    else:  # a folder from before the marker: a trial's cfg.yaml names its study in TRIAL_HEADER
-        first = min(directory.glob("[0-9]*/cfg.yaml"), default=None)
-        header = first.read_text().split("\n", 1)[0] if first else ""
-        owner = header.split(" of study ", 1)[1].strip() if " of study " in header else study_name
-    if owner != study_name:
-        raise UserError(f"checkpoint_dir {directory} holds the trial checkpoints of study '{owner}'; study "
-                        f"'{study_name}' would overwrite them: give it its own checkpoint_dir (--checkpoint-dir)")
-    if not marker.exists():
-        marker.write_text(study_name + "\n")
+    """Check and mark one checkpoint_dir (see ``check_owners``)."""
+    check_owners({"checkpoint_dir": directory}, study_name)
+    claim({"checkpoint_dir": directory}, study_name)
 
 
 @dataclasses.dataclass
@@ -127,74 +174,74 @@ class Driver:
         self.progress = progress
         self.storage = st.make_storage(cfg.storage, cfg, heartbeat=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            self.study = optuna.create_study(study_name=cfg.study_name, storage=self.storage,
-                                             sampler=st.make_sampler(cfg), pruner=st.make_pruner(cfg),
-                                             direction="maximize", load_if_exists=True)
-        except Exception as e:
-            if isinstance(e, UserError):
-                raise
-            raise UserError(f"storage {cfg.storage}: cannot open study {cfg.study_name!r} "
-                            f"({str(e).splitlines()[0]}); check the storage URL") from None
-        st.check_space(self.study, cfg)
+        self.study = None
         self.running: dict[int, Running] = {}
         self.host = host_name()
 
     # -- setup -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Validate and cache the data, write the resolved config: all before any trial starts."""
+        """Every check first (folders, the stored study's space, the data, the search space against the
+        data); only then create the study, store its space, claim the folders and cache the data."""
+        import optuna
+
         from xclip_jax.config import dump_yaml
-        from xclip_jax.train import load_sets
 
-        for folder in (self.out, Path(self.cfg.checkpoint_dir)):
+        cfg = self.cfg
+        folders = {"checkpoint_dir": Path(cfg.checkpoint_dir), "output_dir": self.out}
+        for folder in folders.values():
             check_writable(folder)
-        claim_checkpoint_dir(Path(self.cfg.checkpoint_dir), self.cfg.study_name)
-        self.cache_dir = self.st.data_cache_dir(self.cfg, self.out / "data_cache")
-        if not (self.cache_dir / "done").exists():
-            sets = load_sets(self.cfg, splits=("train", "val"))
-            self._check_batch_sizes(sets["train"].rows)
-            self.st.write_cache(sets, self.cache_dir)
-        else:
-            import numpy as np
-
-            rows = np.load(self.cache_dir / "train_text.npy", mmap_mode="r").shape[0]
-            self._check_batch_sizes(rows)
+        check_owners(folders, cfg.study_name)
+        existing = self.st.find_study(self.storage, cfg.study_name)
+        if existing is not None:
+            self.st.check_space(existing, cfg)
+        self.cache_dir = self.st.data_cache_dir(cfg, self.out / "data_cache")
+        sets = self._data()
+        train = sets["train"]
+        self.dims = (train.image_dim, train.text_dim)
+        skipped = self.st.check_combinations(cfg, train.rows, self.dims)
+        if skipped:
+            print(f"warning: {skipped}", file=sys.stderr)
+        # Every check passed: from here on things are stored.
+        try:
+            self.study = optuna.create_study(study_name=cfg.study_name, storage=self.storage,
+                                             sampler=self.st.make_sampler(cfg), pruner=self.st.make_pruner(cfg),
+                                             direction="maximize", load_if_exists=True)
+        except Exception as e:
+            raise UserError(f"storage {mask_secrets(cfg.storage)}: cannot open study {cfg.study_name!r} "
+                            f"({str(e).splitlines()[0]}); check the storage URL") from None
+        self.st.store_space(self.study, cfg)
+        claim(folders, cfg.study_name)
+        self.st.write_cache(sets, self.cache_dir)
         self.config_path = self.out / "tune_config.yaml"
-        dump_yaml(self.cfg, self.config_path, header="# the resolved tuning config that trial processes read\n")
+        # The storage URL reaches trial processes through their environment, never through a file.
+        dump_yaml(dataclasses.replace(cfg, storage=mask_secrets(cfg.storage)), self.config_path,
+                  header="# the resolved tuning config that trial processes read (they get the storage URL "
+                         f"from ${STORAGE_ENV})\n")
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
         self.jax_cache = os.environ.get("XCLIP_JAX_CACHE", str(Path.home() / ".cache" / "xclip_jax" / "jax"))
 
-    def _check_batch_sizes(self, rows: int) -> None:
-        space = self.cfg.search_space.get("batch_size")
-        sizes = list(space.choices or [space.high]) if space is not None else []
-        if "batch_size" in self.cfg.fixed:
-            sizes.append(self.cfg.fixed["batch_size"])
-        if not sizes:
-            from xclip_jax.config import TrainingConfig
+    def _data(self) -> dict:
+        """The study's train and val sets: from the driver's cache when it has them (memory-mapped),
+        else loaded and validated; either way one line per set says where it came from."""
+        if (self.cache_dir / "done").exists():
+            sets = self.st.read_cache(self.cache_dir)
+            for line in self.st.cached_sources(self.cache_dir):
+                print(f"{line} (cached in {self.cache_dir})")
+            return sets
+        from xclip_jax.train import load_sets
 
-            sizes.append(TrainingConfig().batch_size)
-        too_big = [b for b in sizes if b > rows]
-        if too_big:
-            raise UserError(f"batch_size {too_big} larger than the training set ({rows} rows); "
-                            "remove those choices or use a larger training set")
+        return load_sets(self.cfg, splits=("train", "val"))
 
     # -- trials ------------------------------------------------------------------------------
 
     def launch(self) -> None:
-        from optuna.trial import TrialState
 
-        with self.st.quiet_optuna():
-            trial = self.study.ask()
-        tid = trial._trial_id
-        self.storage.record_heartbeat(tid)
-        if self.st.is_surplus(self.study, trial.number, self.cfg.n_trials):
-            # Another driver asked at the same moment and the study's total is reached.
-            self.storage.set_trial_system_attr(tid, "xclip_surplus", True)
-            self.study.tell(trial.number, state=TrialState.FAIL)
+        trial = self.st.ask_trial(self.study, self.storage, self.cfg, self.dims)
+        if trial is None:  # another driver asked at the same moment and the study's total is reached
             return
-        self.st.sample(trial, self.cfg)
+        tid = trial._trial_id
         trial.set_user_attr("driver_host", self.host)
         trial.set_user_attr("driver_pid", os.getpid())
         env = dict(os.environ)
@@ -204,6 +251,7 @@ class Driver:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
             "XCLIP_SPAWN_TIME": repr(time.time()),
+            STORAGE_ENV: self.cfg.storage,
             "PYTHONUNBUFFERED": "1",
         })
         device = self._pick_device()
@@ -408,24 +456,45 @@ class Driver:
             return "-"
 
 
+def full_training_files(cfg) -> tuple[dict, str | None]:
+    """The study tuned on the tuning subset (``train_tuning_*``); the final run should train on the
+    full training split (``train_*``). Returns ``(changes to the data section, warning or None)``,
+    the file names found by the same rule as every command (a converted ``.npy`` wins)."""
+    from xclip_jax.data import resolve_file
+    from xclip_jax.errors import UserError
+
+    data, base = cfg.data, Path(cfg.base_data_dir)
+    names = {f"train_{part}": getattr(data, f"train_{part}")
+             for part in ("image_embeddings", "text_embeddings", "metadata")}
+    if data.synthetic is not None or not all("train_tuning_" in n for n in names.values()):
+        return {}, None
+    changes = {}
+    for key, name in names.items():
+        full = name.replace("train_tuning_", "train_")
+        try:
+            found = resolve_file(base / full) if key != "train_metadata" else base / full
+        except UserError:
+            continue
+        if found.is_file():
+            changes[key] = str(found.relative_to(base))
+    if len(changes) == 3:
+        return changes, None
+    return {}, (f"best_config.yaml trains on the tuning subset ({names['train_image_embeddings']} …): no full "
+                f"training set train_* was found in {base}; make it with python -m xclip_jax.data split, "
+                "or edit the data section of best_config.yaml")
+
+
 def best_train_config(cfg, trial):
-    """The complete training config of the best trial, for a full run on the full data."""
+    """The complete training config of the best trial, for a full run on the full data; and a warning
+    when the full training set is not there (the config then keeps the tuning subset)."""
     from xclip_jax.config import trial_config
 
     tc = trial_config(cfg, trial.params, trial_number=trial.number, experiment_name=f"{cfg.study_name}_best")
-    data = cfg.data
-    if data.synthetic is None:
-        # The study tuned on the tuning subset; the final run trains on the full train split.
-        changes = {}
-        for part in ("image_embeddings", "text_embeddings", "metadata"):
-            name = getattr(data, f"train_{part}")
-            full = name.replace("train_tuning_", "train_")
-            if full != name and (Path(cfg.base_data_dir) / full).exists():
-                changes[f"train_{part}"] = full
-        if len(changes) == 3:
-            tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
+    changes, warning = full_training_files(cfg)
+    if changes:
+        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
     training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
-    return dataclasses.replace(tc, training=training, output_dir="outputs")
+    return dataclasses.replace(tc, training=training, output_dir="outputs"), warning
 
 
 def write_outputs(study, cfg) -> dict:
@@ -441,9 +510,12 @@ def write_outputs(study, cfg) -> dict:
         best = study.best_trial
     except ValueError:
         return written
-    tc = best_train_config(cfg, best)
+    tc, warning = best_train_config(cfg, best)
     header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
               f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
+    if warning:
+        header += f"# NOTE: {warning}\n"
+        written.warnings.append(warning)
     dump_yaml(tc, out / "best_config.yaml", header=header)
     results = {
         "study_name": cfg.study_name,
@@ -460,15 +532,28 @@ def write_outputs(study, cfg) -> dict:
     return written
 
 
-def run_study(cfg, *, progress: bool = True) -> dict:
-    """Run (or resume) the study of a typed TuneConfig; returns counts, wall time and outputs."""
-    from xclip_jax.study import pruning_warning
+def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> dict:
+    """Run (or resume) the study of a typed TuneConfig; returns counts, wall time and outputs.
+
+    ``add_trials`` runs that many trials more than the study has finished (as each rerun of the
+    original tool did), whatever ``n_trials`` says.
+    """
+    from xclip_jax.study import counts, pruning_warning
 
     warning = pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     driver = Driver(cfg, progress=progress)
     driver.prepare()
+    finished = counts(driver.study)["finished"]
+    if add_trials is not None:
+        driver.cfg = cfg = dataclasses.replace(cfg, n_trials=finished + add_trials)
+        print(f"study {cfg.study_name}: {finished} trials finished; adding {add_trials} (n_trials {cfg.n_trials})")
+    elif finished >= cfg.n_trials:
+        print(f"study {cfg.study_name} already has {finished} finished trials (n_trials {cfg.n_trials}): nothing to "
+              "run, outputs refreshed; to run more add --add-trials N (or raise n_trials)")
+    elif finished:
+        print(f"study {cfg.study_name}: resuming with {finished} of {cfg.n_trials} trials finished")
     return driver.run()
 
 
@@ -505,8 +590,13 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--output-dir")
     parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--add-trials", type=int, metavar="N",
+                        help="run N trials more than the study has finished (what rerunning the original did)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    if args.add_trials is not None and args.add_trials < 1:
+        raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
     cfg = load_tune_config(_config_path(args.config, args.config_option))
     overrides = {k: v for k, v in {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
                                    "n_jobs": args.n_jobs, "timeout": args.timeout,
@@ -517,9 +607,13 @@ def main(argv=None):
             cfg = validate_tune(dataclasses.replace(cfg, **overrides))
         except ValueError as e:
             raise ConfigError(f"command-line override: {e}") from None
-    result = run_study(cfg, progress=not args.no_progress)
+    result = run_study(cfg, progress=not args.no_progress, add_trials=args.add_trials)
+    for warning in getattr(result["outputs"], "warnings", ()):
+        print(f"warning: {warning}", file=sys.stderr)
     c = result["counts"]
-    print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "
+    failed = c["fail"] + c["retried"]
+    requeued = f" ({c['retried']} of them re-queued: interrupted, stale or disk full)" if c["retried"] else ""
+    print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {failed} failed{requeued} "
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
     if result["halt"]:
         raise UserError(result["halt"])
