@@ -17,7 +17,7 @@ Measures, in order:
    counts them, and the achieved fraction of the measured peak.
 3. Validation metrics: ``retrieval_metrics_indexed`` on 5,000 images x 25,000 captions (random
    unit vectors of dim 512).
-4. Trial start-up: a fresh process that imports ``xclip_jax.train``, builds the quickstart data and
+4. Trial start-up: a fresh process that imports ``xclip_jax.step``, builds the quickstart data and
    state (image 256, text 384, clip head 256->128, batch 512, 15,000 rows) and runs its first
    epoch, with an empty persistent compilation cache (cold) and again with the same cache (warm).
 5. The quickstart tuning study's wall time (``python -m xclip_jax.tune configs/quickstart.yaml``).
@@ -205,7 +205,7 @@ def make_data(rows: int, image_dim: int, text_dim: int, random: bool = False):
     unit-variance normals drawn on the device with the same layout (5 captions per image) — the
     same throughput, without the host-side generation (~10-30 s at COCO dims)."""
     from xclip_jax import data
-    from xclip_jax.train import DeviceData, to_device
+    from xclip_jax.step import DeviceData, to_device
 
     captions = 5
     if random:
@@ -250,8 +250,8 @@ def analytic_matmul_flops(head: str, loss: str, batch: int, image_dim: int, text
 
 
 def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: int) -> list[dict]:
-    from xclip_jax.heads import HeadSpec
-    from xclip_jax.train import TrainSpec, create_train_state, run_epoch, train_step
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+    from xclip_jax.step import TrainSpec, create_train_state, run_epoch, train_step
 
     dtype = args.dtype
     rows = data_dev.rows
@@ -259,13 +259,15 @@ def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: i
     for batch in args.batches:
         for head, loss in COMBOS:
             name = f"{head}+{loss}"
-            hspec = HeadSpec(head, output_dim=args.output_dim, hidden_dim=args.hidden_dim, dropout=args.dropout,
-                             num_heads=8, num_layers=1, dtype=dtype)
-            spec = TrainSpec(hspec, image_dim=image_dim, text_dim=text_dim, loss_type=loss, queue_size=4096)
-            state = create_train_state(spec, learning_rate=1e-3, weight_decay=1e-4, temperature=0.07, seed=0)
+            spec = TrainSpec(HeadSpec(head, output_dim=args.output_dim, hidden_dim=args.hidden_dim,
+                                      dropout=args.dropout, num_heads=8, num_layers=1),
+                             LossSpec(loss, temperature=0.07, queue_size=4096),
+                             TrainingSpec(batch_size=batch, learning_rate=1e-3, weight_decay=1e-4, dtype=dtype),
+                             image_dim, text_dim)
+            state = create_train_state(spec, seed=0)
             steps = rows // batch
             t0 = time.perf_counter()
-            epoch_fn = run_epoch.lower(state, data_dev, batch_size=batch).compile()
+            epoch_fn = run_epoch.lower(state, data_dev).compile()
             compile_s = time.perf_counter() - t0
             epoch_flops_raw = cost_flops(epoch_fn)
             sample = {"image": jnp.zeros((batch, image_dim), jnp.float32),
@@ -378,8 +380,8 @@ t_spawn = float(os.environ["XCLIP_BENCH_SPAWN"])
 t_py = time.time()
 import jax
 import jax.numpy as jnp
-from xclip_jax.train import TrainSpec, create_train_state, run_epoch, to_device
-from xclip_jax.heads import HeadSpec
+from xclip_jax.step import TrainSpec, create_train_state, run_epoch, to_device
+from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
 from xclip_jax import data
 t_import = time.time()
 sets = data.synthetic_splits(n_images=3000, captions_per_image=5, image_dim=256, text_dim=384, val_images=500,
@@ -387,12 +389,12 @@ sets = data.synthetic_splits(n_images=3000, captions_per_image=5, image_dim=256,
 train = to_device(sets["train"])
 jax.block_until_ready(train)
 t_data = time.time()
-spec = TrainSpec(HeadSpec("clip", output_dim=128, hidden_dim=256, dropout=0.1), image_dim=256, text_dim=384,
-                 loss_type="softmax_infonce")
-state = create_train_state(spec, learning_rate=1e-3, weight_decay=1e-4, temperature=0.07, seed=0)
+spec = TrainSpec(HeadSpec("clip", output_dim=128, hidden_dim=256, dropout=0.1), LossSpec("softmax_infonce", 0.07),
+                 TrainingSpec(batch_size=512, learning_rate=1e-3, weight_decay=1e-4), 256, 384)
+state = create_train_state(spec, seed=0)
 jax.block_until_ready(state)
 t_state = time.time()
-epoch_fn = run_epoch.lower(state, train, batch_size=512).compile()
+epoch_fn = run_epoch.lower(state, train).compile()
 t_compile = time.time()
 state, metrics = epoch_fn(state, train)
 jax.block_until_ready((state, metrics))
@@ -438,7 +440,7 @@ def bench_trial_startup() -> dict:
                       "output_dim": 128, "hidden_dim": 256, "batch_size": 512, "rows": r["rows"],
                       "steps_in_first_epoch": r["steps"], "breakdown_s": {k: round(r[k], 3) for k in (
                           "interpreter", "import", "data", "state", "compile", "first_epoch")},
-                      "note": "fresh python process: import xclip_jax.train, synthesize the quickstart set, "
+                      "note": "fresh python process: import xclip_jax.step, synthesize the quickstart set, "
                               "build the state, AOT-compile run_epoch, run the first epoch; no optuna/storage"}
             if label == "warm":
                 params.update(target=TARGET_WARM_FIRST_STEP_S,

@@ -22,12 +22,14 @@ def worker(url: str, reports: int, queue, plain: bool = False) -> None:
     import optuna
 
     from xclip_jax import study as st
-    from xclip_jax.config import DataConfig, SyntheticData, TuneConfig
+    from xclip_jax.config import DataConfig, SyntheticData
+    from xclip_jax.storage import make_storage
+    from xclip_jax.tune_config import TuneConfig
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         cfg = TuneConfig(storage=url, data=DataConfig(synthetic=SyntheticData()))
-        storage = optuna.storages.RDBStorage(url) if plain else st.make_storage(url, cfg)
+        storage = optuna.storages.RDBStorage(url) if plain else make_storage(url)
         study = optuna.load_study(study_name="stress", storage=storage, pruner=st.make_pruner(cfg))
         trial = study.ask()
         trial.suggest_float("x", 0.0, 1.0)

@@ -6,8 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xclip_jax.config import (ConfigError, TrainConfig, TuneConfig, build, dump_yaml, load_train_config,
-                              load_tune_config, trial_config)
+from xclip_jax.config import (
+    ConfigError,
+    TrainConfig,
+    build,
+    dump_yaml,
+    load_train_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,12 +69,6 @@ def test_shipped_training_configs_load(name):
     load_train_config(ROOT / "configs" / "train" / name)
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "quickstart.yaml"])
-def test_shipped_tuning_configs_load(name):
-    cfg = load_tune_config(ROOT / "configs" / name)
-    assert cfg.search_space["head_type"].choices == ("siglip", "clip", "attention", "mlp")
-
-
 def _bad(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -103,66 +102,11 @@ def test_missing_config_file(tmp_path):
         load_train_config(tmp_path / "nope.yaml")
 
 
-TUNE = """
-study_name: s
-n_trials: 3
-data: {synthetic: {images: 100, image_dim: 8, text_dim: 8}}
-search_space:
-  head_type: {type: categorical, choices: [siglip, clip]}
-  hidden_dim: {type: categorical, choices: [16, 32]}
-  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
-fixed: {output_dim: 8, batch_size: 32}
-"""
-
-
-def test_tune_config_and_trial_config(tmp_path):
-    path = tmp_path / "t.yaml"
-    path.write_text(TUNE)
-    cfg = load_tune_config(path)
-    tc = trial_config(cfg, {"head_type": "clip", "hidden_dim": 16, "learning_rate": 1e-3}, trial_number=4)
-    assert isinstance(tc, TrainConfig)
-    assert (tc.model.type, tc.model.hidden_dim, tc.model.output_dim) == ("clip", 16, 8)
-    assert tc.training.num_epochs == cfg.max_epochs and tc.training.patience == cfg.max_patience
-    assert tc.seed != trial_config(cfg, {"head_type": "clip"}, trial_number=5).seed
-
-
-@pytest.mark.parametrize("patch,expected", [
-    ({"search_space": {"head_typ": {"type": "categorical", "choices": ["clip"]}}}, ["search_space.head_typ", "head_type"]),
-    ({"search_space": {"learning_rate": {"type": "float", "low": 1.0, "high": 0.1}}}, ["low (1.0) > high (0.1)"]),
-    ({"search_space": {"dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}}, ["log scale needs low > 0"]),
-    ({"fixed": {"batch_szie": 4}}, ["fixed.batch_szie", "batch_size"]),
-    ({"fixed": {"dropout": -1.0}}, ["dropout must be in [0, 1)"]),
-    ({"pruner": {"type": "AshaPruner"}}, ["unknown pruner 'AshaPruner'"]),
-    ({"n_jobs": 0}, ["n_jobs must be >= 1"]),
-])
-def test_bad_tune_values(tmp_path, patch, expected):
-    raw = yaml.safe_load(TUNE)
-    raw.update(patch)
-    path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError) as e:
-        load_tune_config(path)
-    for part in expected:
-        assert part in str(e.value), str(e.value)
-
-
 def test_build_is_strict_about_aliases_given_twice():
     with pytest.raises(ConfigError, match="given twice"):
         build(TrainConfig, {"loss": {"learnable_scale": True, "learnable_temp": False}})
 
 
-def test_tune_config_dump_round_trip(tmp_path):
-    path = tmp_path / "t.yaml"
-    path.write_text(TUNE)
-    cfg = load_tune_config(path)
-    dump_yaml(cfg, tmp_path / "again.yaml")
-    again = load_tune_config(tmp_path / "again.yaml")
-    assert again == cfg
-    assert dataclasses.replace(again, n_trials=9).n_trials == 9
-    assert isinstance(again, TuneConfig)
-
-
-# Every section and key of the original's nine training configs (and of the best_config.yaml it wrote).
 ORIGINAL_FULL = """
 experiment_name: "clip_run"
 output_dir: "outputs"
@@ -199,34 +143,93 @@ def test_every_key_of_the_original_training_configs_is_accepted(tmp_path):
     assert load_train_config(path).base_data_dir == "data"
 
 
-def test_original_clip_tuning_config_searches_learnable_scale(tmp_path):
-    path = tmp_path / "t.yaml"
-    raw = yaml.safe_load(TUNE)
-    raw["search_space"]["learnable_scale"] = {"type": "categorical", "choices": [True, False]}
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_tune_config(path)
-    assert "learnable_temp" in cfg.search_space and "learnable_scale" not in cfg.search_space
-    assert trial_config(cfg, {"learnable_temp": True, "head_type": "clip"}).loss.learnable_temp is True
-    raw["search_space"]["learnable_temp"] = raw["search_space"]["learnable_scale"]
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="given twice"):
-        load_tune_config(path)
-
-
-@pytest.mark.parametrize("section", ["training", "tuning"])
-def test_a_config_without_data_is_refused_not_synthetic(tmp_path, section):
-    path = tmp_path / "c.yaml"
-    raw = yaml.safe_load(TUNE) if section == "tuning" else yaml.safe_load(ORIGINAL_FULL)
-    del raw["data"]
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError) as e:
-        (load_tune_config if section == "tuning" else load_train_config)(path)
-    msg = str(e.value)
-    assert "no `data:` section" in msg and "synthetic: {}" in msg and "\n" not in msg
-
-
 def test_bad_device_and_evaluation_values(tmp_path):
     for text, expected in (("device: tpu\n", "device 'tpu'"), ("evaluation: {tsne_perplexity: 0}\n", "tsne_perplexity"),
                            ("evaluation: {visualization_samples: -1}\n", "visualization_samples")):
         msg = _bad(tmp_path, "data: {synthetic: {}}\n" + text)
         assert expected in msg, msg
+
+
+# One non-default value for every field of the three spec sections, with the head and loss under
+# which that field matters (a field read only by the attention head is checked on an attention head).
+FIELD_CASES = {
+    ("model", "type"): ("mlp", {}), ("model", "output_dim"): (12, {}), ("model", "hidden_dim"): (20, {}),
+    ("model", "num_heads"): (2, {"model": {"type": "attention"}}),
+    ("model", "num_layers"): (2, {"model": {"type": "attention"}}),
+    ("loss", "type"): ("sigmoid_infonce", {}),
+    ("loss", "learnable_temp"): (True, {}),
+    ("loss", "learnable_bias"): (False, {"loss": {"type": "sigmoid_infonce"}}),
+    ("loss", "sigmoid_normalize"): ("batch", {"loss": {"type": "sigmoid_infonce"}}),
+    ("loss", "queue_size"): (48, {"loss": {"type": "queue_infonce"}}),
+    ("loss", "mask_batch_duplicates"): (False, {"loss": {"type": "queue_infonce"}}),
+    ("training", "batch_size"): (16, {}), ("training", "max_grad_norm"): (0.25, {}),
+    ("training", "dtype"): ("bfloat16", {}),
+    # data: they travel in the train state, or steer the fit loop
+    ("model", "dropout"): (0.3, {}), ("loss", "temperature"): (0.02, {}),
+    ("training", "learning_rate"): (0.005, {}), ("training", "weight_decay"): (0.02, {}),
+    ("training", "num_epochs"): (3, {}), ("training", "patience"): (2, {}),
+}
+
+
+def test_field_cases_cover_every_spec_field():
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+
+    fields = {(section, f.name) for section, spec in (("model", HeadSpec), ("loss", LossSpec),
+                                                       ("training", TrainingSpec)) for f in dataclasses.fields(spec)}
+    assert set(FIELD_CASES) == fields
+
+
+@pytest.mark.parametrize("section,key", list(FIELD_CASES))
+def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypatch, section, key):
+    """Set each field through YAML and watch it arrive: a static field changes the compiled epoch
+    program, a data field the train state, a fit-loop field the fit loop's arguments."""
+    import jax
+    import numpy as np
+
+    from xclip_jax import data, train
+    from xclip_jax.spec import DATA_FIELDS
+    from xclip_jax.step import create_train_state, run_epoch, to_device
+
+    value, base = FIELD_CASES[(section, key)]
+
+    def load(extra):
+        raw = {"data": {"synthetic": {"images": 40, "captions": 2, "image_dim": 8, "text_dim": 12, "val_images": 8,
+                                      "test_images": 4}},
+               "model": {"type": "clip", "output_dim": 8, "hidden_dim": 8, "dropout": 0.1, "num_heads": 4},
+               "loss": {"queue_size": 32}, "training": {"batch_size": 8}}
+        for patch in (base, extra):
+            for sec, values in patch.items():
+                raw[sec].update(values)
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_train_config(path)
+
+    default_cfg, cfg = load({}), load({section: {key: value}})
+    assert getattr(getattr(cfg, section), key) == value
+    d = to_device(data.synthetic_splits(40, 2, 8, 12, val_images=8, test_images=4)["train"])
+    kind = type(getattr(cfg, section)).__name__
+    if key not in DATA_FIELDS[kind]:  # traced, not run: abstract states are enough
+        states = [jax.eval_shape(lambda c=c: create_train_state(train.train_spec(c, 8, 12), seed=0))
+                  for c in (default_cfg, cfg)]
+        hlo = [run_epoch.lower(s, d).as_text() for s in states]
+        assert hlo[0] != hlo[1], f"{section}.{key} does not change the compiled program"
+        return
+    states = [create_train_state(train.train_spec(c, 8, 12), seed=0) for c in (default_cfg, cfg)]
+    assert states[0].spec == states[1].spec  # data fields share the program...
+    if key in ("num_epochs", "patience"):  # ...and these steer the fit loop
+        seen = {}
+
+        def fake_fit(*args, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("stop here")
+
+        monkeypatch.setattr(train, "fit", fake_fit)
+        with pytest.raises(RuntimeError, match="stop here"):
+            train.run_training(cfg, tmp_path / "out", progress=False)
+        assert seen[key] == value
+        return
+    read = {"dropout": lambda s: s.dropout, "temperature": lambda s: np.exp(-s.params["loss"]["log_scale"]),
+            "learning_rate": lambda s: s.opt_state[1].hyperparams["learning_rate"],
+            "weight_decay": lambda s: s.opt_state[1].hyperparams["weight_decay"]}[key]
+    assert float(jax.device_get(read(states[1]))) == pytest.approx(value, rel=1e-6)
+    assert float(jax.device_get(read(states[0]))) != pytest.approx(value, rel=1e-6)

@@ -9,18 +9,16 @@ import optuna
 import pytest
 import yaml
 
-from tests.test_tune import TUNE
+from tests.conftest import TUNE, run_cli
 from xclip_jax import data, report, train, tune
-from xclip_jax.errors import UserError, cli
+from xclip_jax.errors import UserError
+from xclip_jax.runtime import check_owners, claim
+from xclip_jax.storage import make_storage
 
 
-def run_cli(main, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli(main)(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
+def claim_checkpoint_dir(folder, study_name):
+    check_owners({"checkpoint_dir": folder}, study_name)
+    claim({"checkpoint_dir": folder}, study_name)
 
 
 def train_yaml(tmp_path, **patch):
@@ -116,22 +114,20 @@ def test_storage_unreachable_never_shows_the_password(tmp_path, capsys):
 
 def test_missing_postgres_driver_says_what_to_install(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` fails as if not installed
-    from xclip_jax import study as st
 
     with pytest.raises(UserError) as e:
-        st.make_storage("postgresql+psycopg://alice:PW@127.0.0.1:5432/test")
+        make_storage("postgresql+psycopg://alice:PW@127.0.0.1:5432/test")
     msg = str(e.value)
     assert "pip install '.[postgres]'" in msg and "unreachable" not in msg and "PW@" not in msg
 
 
 def test_storage_url_takes_secrets_from_the_environment(tmp_path, monkeypatch):
-    from xclip_jax import study as st
 
     monkeypatch.setenv("XCLIP_TEST_DB", str(tmp_path / "from_env.db"))
-    st.make_storage("sqlite:///${XCLIP_TEST_DB}")
+    make_storage("sqlite:///${XCLIP_TEST_DB}")
     assert (tmp_path / "from_env.db").is_file()
     with pytest.raises(UserError, match="XCLIP_NOT_SET is not set"):
-        st.make_storage("postgresql+psycopg://alice:${XCLIP_NOT_SET}@host/db")
+        make_storage("postgresql+psycopg://alice:${XCLIP_NOT_SET}@host/db")
 
 
 @pytest.mark.parametrize("module", ["tune", "train", "evaluate", "report", "data"])
@@ -159,7 +155,7 @@ def test_changed_search_space_via_cli(tmp_path, capsys):
     path = tune_yaml(tmp_path)
     optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
     from xclip_jax import study as st
-    from xclip_jax.config import load_tune_config
+    from xclip_jax.tune_config import load_tune_config
 
     cfg = load_tune_config(path)
     s = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
@@ -224,8 +220,8 @@ def test_full_disk_worded_by_a_library_is_one_line(capsys):
 def test_second_study_in_the_same_checkpoint_dir_is_refused(tmp_path, capsys):
     ckpt = tmp_path / "checkpoints"  # the tiny config's checkpoint_dir
     ckpt.mkdir()
-    tune.claim_checkpoint_dir(ckpt, "tiny")
-    tune.claim_checkpoint_dir(ckpt, "tiny")  # the same study (a resume, another machine) is welcome
+    claim_checkpoint_dir(ckpt, "tiny")
+    claim_checkpoint_dir(ckpt, "tiny")  # the same study (a resume, another machine) is welcome
     err = run_cli(tune.main, [str(tune_yaml(tmp_path)), "--study-name", "other", "--no-progress"], capsys)
     assert "study 'tiny'" in err and "'other'" in err and "--checkpoint-dir" in err
     # its own checkpoint_dir, but the first study's output_dir (its best_config.yaml): refused too
@@ -241,6 +237,6 @@ def test_second_study_in_the_same_checkpoint_dir_is_refused(tmp_path, capsys):
     (old / "00000").mkdir(parents=True)
     (old / "00000" / "cfg.yaml").write_text("# trial 0 of study legacy\nseed: 1\n")
     with pytest.raises(UserError, match="study 'legacy'"):
-        tune.claim_checkpoint_dir(old, "tiny")
-    tune.claim_checkpoint_dir(old, "legacy")
+        claim_checkpoint_dir(old, "tiny")
+    claim_checkpoint_dir(old, "legacy")
     assert (old / ".study_name").read_text().strip() == "legacy"

@@ -14,7 +14,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tests.test_tune import driver, env, load, running_with_pid, wait_for, write
+from tests.conftest import (
+    driver,
+    env,
+    load,
+    running_with_pid,
+    tune_command,
+    tune_run,
+    wait_for,
+    write,
+)
 from xclip_jax import checkpoint
 from xclip_jax import study as st
 
@@ -38,8 +47,7 @@ def test_driver_sigkill_then_same_command_resumes(tmp_path):
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
              timeout=30, what="the orphaned trial to exit")
     before = load(tmp_path).get_trials()
-    again = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
-                           env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    again = tune_run(tmp_path, cfg_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     c = _finished(tmp_path)
     assert c["finished"] == 4 and c["running"] == 0
@@ -61,8 +69,7 @@ def test_nan_loss_ends_its_trial_with_the_reason(tmp_path):
     cfg_path = write(tmp_path, n_trials=1, fixed={"output_dim": 16, "learning_rate": 1.0e38,
                                                           "batch_size": 64},
                      search_space={"head_type": {"type": "categorical", "choices": ["clip"]}})
-    out = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
-                         env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = tune_run(tmp_path, cfg_path, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     (t,) = load(tmp_path).get_trials()
     assert t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"]
@@ -70,8 +77,7 @@ def test_nan_loss_ends_its_trial_with_the_reason(tmp_path):
 
 def test_trial_out_of_memory_is_fail_and_study_goes_on(tmp_path):
     cfg_path = write(tmp_path, n_trials=2, trial_memory_limit_gb=0.3, n_jobs=1)
-    out = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
-                         env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = tune_run(tmp_path, cfg_path, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     trials = load(tmp_path).get_trials()
     assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
@@ -145,7 +151,7 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
         e = env(d)
         e["XCLIP_HOSTNAME"] = f"machine-{machine}"
         procs[machine] = (d, cfg_path, subprocess.Popen(
-            [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", "--storage", url], env=e,
+            tune_command(cfg_path, "--storage", url), env=e,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
 
     def a_running():
@@ -207,8 +213,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_stops_the_study_and_loses_nothing(tmp_path, small_disk):
     cfg_path = write(tmp_path, n_trials=6, checkpoint_dir=str(small_disk))
-    full = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
-                          env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    full = tune_run(tmp_path, cfg_path, timeout=600)
     assert full.returncode == 2, full.stdout + full.stderr
     err = full.stderr.strip().splitlines()[-1]
     assert err.startswith("error: disk full") and str(small_disk) in err and "rerun the same command" in err
@@ -220,8 +225,7 @@ def test_full_disk_stops_the_study_and_loses_nothing(tmp_path, small_disk):
     assert st.counts(load(tmp_path))["finished"] < 6  # no trial budget was burnt on the full disk
     # space freed (here: the checkpoints go elsewhere): the same study resumes and finishes
     write(tmp_path, n_trials=6, checkpoint_dir=str(tmp_path / "checkpoints"))
-    again = subprocess.run([sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress"],
-                           env=env(tmp_path), capture_output=True, text=True, timeout=600)
+    again = tune_run(tmp_path, cfg_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     c = st.counts(load(tmp_path))
     assert c["finished"] == 6 and c["fail"] == 0 and c["waiting"] == 0

@@ -143,7 +143,7 @@ def test_bfloat16_compute_stays_close():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, IN)), jnp.float32)
     for kind in ("siglip", "clip", "mlp", "attention"):
         f32 = make_head(HeadSpec(kind, OUT, HID, num_heads=4), IN)
-        bf16 = make_head(HeadSpec(kind, OUT, HID, num_heads=4, dtype="bfloat16"), IN)
+        bf16 = make_head(HeadSpec(kind, OUT, HID, num_heads=4), IN, "bfloat16")
         params = f32.init(jax.random.PRNGKey(0), x)["params"]
         a = f32.apply({"params": params}, x)
         b = bf16.apply({"params": params}, x)

@@ -1,7 +1,10 @@
-"""Typed configs, built once from YAML at the edge.
+"""Typed configs, built once from YAML at the edge: the training config, and the machinery that
+builds any config dataclass (the tuning config, ``tune_config``, uses it too).
 
 The original tool's YAML keys are accepted unchanged. Every unknown key and bad value fails here,
 before anything compiles, with the key's path, what is allowed and (for typos) the nearest valid key.
+The training config's ``model``, ``loss`` and ``training`` sections *are* the core's specs
+(``xclip_jax.spec``), built directly from the YAML.
 """
 
 from __future__ import annotations
@@ -17,10 +20,7 @@ from typing import Any
 import yaml
 
 from xclip_jax.errors import UserError
-
-HEAD_TYPES = ("siglip", "clip", "mlp", "attention")
-LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
-DTYPES = ("float32", "bfloat16")
+from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
 
 
 class ConfigError(UserError):
@@ -89,61 +89,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    type: str = "siglip"
-    output_dim: int = 512
-    hidden_dim: int | None = None
-    dropout: float = 0.1
-    num_heads: int = 8
-    num_layers: int = 1
-
-    def __post_init__(self):
-        _check(self.type in HEAD_TYPES, f"unknown head type {self.type!r}; allowed: {', '.join(HEAD_TYPES)}")
-        _check(self.output_dim > 0, "output_dim must be > 0")
-        _check(self.hidden_dim is None or self.hidden_dim > 0, "hidden_dim must be > 0 (or null)")
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _check(self.num_heads > 0, "num_heads must be > 0")
-        _check(self.num_layers > 0, "num_layers must be > 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    batch_size: int = 2048
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-4
-    num_epochs: int = 50
-    patience: int = 5
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        _check(self.batch_size >= 2, "batch_size must be >= 2")
-        _check(self.learning_rate > 0, "learning_rate must be > 0")
-        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(self.num_epochs >= 1, "num_epochs must be >= 1")
-        _check(self.patience >= 1, "patience must be >= 1")
-        _check(self.max_grad_norm > 0, "max_grad_norm must be > 0")
-        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    type: str = "softmax_infonce"
-    temperature: float = 0.07
-    learnable_temp: bool = False
-    learnable_bias: bool = True
-    sigmoid_normalize: str = "pairs"
-    queue_size: int = 4096
-    mask_batch_duplicates: bool = True
-
-    def __post_init__(self):
-        _check(self.type in LOSS_TYPES, f"unknown loss type {self.type!r}; allowed: {', '.join(LOSS_TYPES)}")
-        _check(0 < self.temperature, f"temperature must be > 0, got {self.temperature}")
-        _check(self.sigmoid_normalize in ("pairs", "batch"), "sigmoid_normalize must be 'pairs' or 'batch'")
-        _check(self.queue_size >= 1, "queue_size must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """The final evaluation of a training run (the original's keys and meanings).
 
@@ -177,9 +122,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (gpu, gpu:N): where the training CLI runs
     base_data_dir: str = "data"
     data: DataConfig | None = None
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    model: HeadSpec = dataclasses.field(default_factory=HeadSpec)
+    training: TrainingSpec = dataclasses.field(default_factory=TrainingSpec)
+    loss: LossSpec = dataclasses.field(default_factory=LossSpec)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
@@ -189,147 +134,7 @@ class TrainConfig:
 
 
 # Keys the original spelled differently: old name -> our field name, per section.
-ALIASES = {"LossConfig": {"learnable_scale": "learnable_temp"}}
-
-
-# ----------------------------------------------------------------------------- tuning config
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSpace:
-    """One search-space entry: ``type`` with ``choices`` or ``low``/``high``/``log``/``step``.
-
-    ``when`` maps another parameter to the values for which this one is sampled.
-    """
-
-    type: str = "categorical"
-    choices: tuple | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    when: dict | None = None
-
-    def __post_init__(self):
-        _check(self.type in ("categorical", "float", "int"), f"type must be categorical, float or int, got {self.type!r}")
-        if self.type == "categorical":
-            _check(bool(self.choices), "a categorical parameter needs a non-empty `choices` list")
-        else:
-            _check(self.low is not None and self.high is not None, f"a {self.type} parameter needs `low` and `high`")
-            _check(self.low <= self.high, f"low ({self.low}) > high ({self.high}); swap them")
-            _check(not self.log or self.low > 0, f"log scale needs low > 0, got {self.low}")
-        if self.when is not None:
-            _check(isinstance(self.when, dict) and all(isinstance(v, (list, tuple)) for v in self.when.values()),
-                   "`when` maps a parameter name to a list of values, e.g. {head_type: [clip, mlp]}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrunerConfig:
-    type: str = "SuccessiveHalvingPruner"
-    min_resource: int = 1
-    reduction_factor: int = 3
-    min_early_stopping_rate: int = 0
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 1
-
-    def __post_init__(self):
-        allowed = ("SuccessiveHalvingPruner", "HyperbandPruner", "MedianPruner", "NopPruner")
-        _check(self.type in allowed, f"unknown pruner {self.type!r}; allowed: {', '.join(allowed)}")
-        _check(self.min_resource >= 1, "min_resource must be >= 1")
-        _check(self.reduction_factor >= 2, "reduction_factor must be >= 2")
-        _check(self.min_early_stopping_rate >= 0, "min_early_stopping_rate must be >= 0")
-
-    def first_rung(self) -> int:
-        """The step at which successive halving first compares trials."""
-        return self.min_resource * self.reduction_factor ** self.min_early_stopping_rate
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    type: str = "tpe"
-    seed: int = 42
-    multivariate: bool = True
-    constant_liar: bool = True
-    n_startup_trials: int = 8
-
-    def __post_init__(self):
-        _check(self.type in ("tpe", "random"), f"sampler type must be tpe or random, got {self.type!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneConfig:
-    """A tuning study (the original's optuna YAML plus sampler, output_dir, fixed, devices)."""
-
-    study_name: str = "xclip_tuning"
-    n_trials: int = 100
-    n_jobs: int = 1
-    storage: str = "sqlite:///optuna_study.db"
-    timeout: float | None = None
-    base_data_dir: str = "data"
-    data: DataConfig | None = None
-    search_space: dict = dataclasses.field(default_factory=dict)
-    pruner: PrunerConfig = dataclasses.field(default_factory=PrunerConfig)
-    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
-    max_epochs: int = 8
-    max_patience: int = 2
-    output_dir: str = "optuna_results"
-    checkpoint_dir: str = "checkpoints"
-    fixed: dict = dataclasses.field(default_factory=dict)
-    devices: tuple[int, ...] | None = None
-    final_epochs: int = 50
-    final_patience: int = 5
-    heartbeat_interval: int = 10
-    grace_period: int = 60
-    trial_timeout: float | None = None
-    trial_memory_limit_gb: float | None = None
-
-    def __post_init__(self):
-        _check(self.data is not None, NO_DATA)
-        _check(self.n_trials >= 1, "n_trials must be >= 1")
-        _check(self.n_jobs >= 1, "n_jobs must be >= 1")
-        _check(self.max_epochs >= 1, "max_epochs must be >= 1")
-        _check(self.max_patience >= 1, "max_patience must be >= 1")
-        _check(self.timeout is None or self.timeout > 0, "timeout must be > 0 seconds or null")
-        _check(self.grace_period > self.heartbeat_interval, "grace_period must exceed heartbeat_interval")
-
-
-# Where each searchable (flat) parameter lands in a TrainConfig.
-PARAM_PATHS = {
-    "head_type": ("model", "type"),
-    "output_dim": ("model", "output_dim"),
-    "hidden_dim": ("model", "hidden_dim"),
-    "dropout": ("model", "dropout"),
-    "num_heads": ("model", "num_heads"),
-    "num_layers": ("model", "num_layers"),
-    "loss_type": ("loss", "type"),
-    "temperature": ("loss", "temperature"),
-    "learnable_temp": ("loss", "learnable_temp"),
-    "learnable_bias": ("loss", "learnable_bias"),
-    "sigmoid_normalize": ("loss", "sigmoid_normalize"),
-    "queue_size": ("loss", "queue_size"),
-    "mask_batch_duplicates": ("loss", "mask_batch_duplicates"),
-    "batch_size": ("training", "batch_size"),
-    "learning_rate": ("training", "learning_rate"),
-    "weight_decay": ("training", "weight_decay"),
-    "max_grad_norm": ("training", "max_grad_norm"),
-    "dtype": ("training", "dtype"),
-}
-
-SECTION_TYPES = {"model": ModelConfig, "loss": LossConfig, "training": TrainingConfig}
-
-# The original's implicit conditions: a parameter is only sampled when these hold.
-DEFAULT_CONDITIONS = {
-    "hidden_dim": {"head_type": ["clip", "attention", "mlp"]},
-    "num_heads": {"head_type": ["attention"]},
-    "num_layers": {"head_type": ["attention"]},
-    "queue_size": {"loss_type": ["queue_infonce"]},
-    "learnable_temp": {"head_type": ["clip"]},
-}
-
-
-def condition(name: str, space: ParamSpace) -> dict | None:
-    """The condition under which ``name`` is sampled (its own ``when``, else the original's)."""
-    return space.when if space.when is not None else DEFAULT_CONDITIONS.get(name)
+ALIASES = {"LossSpec": {"learnable_scale": "learnable_temp"}}
 
 
 # ----------------------------------------------------------------------------- building
@@ -448,77 +253,6 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 
 # Parameter names of the original's tuning code that differ from ours.
-PARAM_ALIASES = {"learnable_scale": "learnable_temp"}
-
-
-def _canonical(mapping: dict, where: str) -> dict:
-    out = {}
-    for name, value in mapping.items():
-        canonical = PARAM_ALIASES.get(name, name)
-        if canonical in out:
-            raise ConfigError(f"{where}.{name}: given twice (once under its alias)")
-        out[canonical] = value
-    return out
-
-
-def validate_tune(cfg: TuneConfig) -> TuneConfig:
-    """Checks that need more than one key: search-space names, conditions, fixed values."""
-    cfg = dataclasses.replace(cfg, search_space=_canonical(cfg.search_space, "search_space"),
-                              fixed=_canonical(cfg.fixed, "fixed"))
-    spaces = {}
-    for name, raw in cfg.search_space.items():
-        if name not in PARAM_PATHS:
-            raise ConfigError(f"search_space.{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
-        space = raw if isinstance(raw, ParamSpace) else build(ParamSpace, raw, f"search_space.{name}")
-        spaces[name] = space
-    for name, space in spaces.items():
-        cond = condition(name, space) or {}
-        for other in cond:
-            if other not in PARAM_PATHS:
-                raise ConfigError(f"search_space.{name}.when: unknown parameter {other!r}{_nearest(other, PARAM_PATHS)}")
-    for name in cfg.fixed:
-        if name not in PARAM_PATHS:
-            raise ConfigError(f"fixed.{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
-        if name in spaces:
-            raise ConfigError(f"fixed.{name}: also in search_space; keep it in one of the two")
-    # A fixed value that makes no valid TrainConfig fails now, not in every trial.
-    trial_config(cfg, {}, spaces=spaces)
-    return dataclasses.replace(cfg, search_space=spaces)
-
-
-def load_tune_config(path: str | Path) -> TuneConfig:
-    """Load and validate a tuning config YAML."""
-    try:
-        return validate_tune(build(TuneConfig, read_yaml(path)))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def trial_config(cfg: TuneConfig, params: dict, spaces: dict | None = None, trial_number: int | None = None,
-                 experiment_name: str | None = None) -> TrainConfig:
-    """The complete TrainConfig of one trial: defaults ← ``fixed`` ← sampled ``params``."""
-    sections: dict[str, dict] = {"model": {}, "training": {}, "loss": {}}
-    for name, value in {**cfg.fixed, **params}.items():
-        section, key = PARAM_PATHS[name]
-        sections[section][key] = value
-    sections["training"]["num_epochs"] = cfg.max_epochs
-    sections["training"]["patience"] = cfg.max_patience
-    seed = cfg.sampler.seed * 100_003 + (trial_number or 0)
-    name = experiment_name or (f"{cfg.study_name}_trial{trial_number:05d}" if trial_number is not None else cfg.study_name)
-    raw = {
-        "experiment_name": name,
-        "output_dir": str(Path(cfg.output_dir) / "train"),
-        "seed": seed,
-        "base_data_dir": cfg.base_data_dir,
-        "data": dataclasses.asdict(cfg.data),
-        **sections,
-    }
-    try:
-        return build(TrainConfig, raw)
-    except ConfigError as e:
-        raise ConfigError(f"fixed/search values give an invalid training config: {e}") from None
-
-
 def to_dict(cfg) -> dict:
     """A plain, YAML-ready dict of a config (tuples become lists)."""
 

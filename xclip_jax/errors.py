@@ -6,7 +6,6 @@ import re
 import sys
 import warnings
 
-
 # How a full disk shows in OS, tensorstore (orbax) and SQLite messages.
 DISK_FULL = ("No space left on device", "Disk quota exceeded", "database or disk is full")
 

@@ -1,7 +1,9 @@
-"""``python -m xclip_jax.evaluate CHECKPOINT [--set test|val|NAME] [--data-dir DIR] [--out FILE]``.
+"""Evaluating trained heads: the training run's final evaluation, and
+``python -m xclip_jax.evaluate CHECKPOINT [--set test|val|NAME] [--data-dir DIR] [--out FILE]``.
 
-Restores trained heads, projects an embedding set and prints COCO-style retrieval metrics
-(images de-duplicated), writing them as JSON too.
+Restores trained heads, projects an embedding set and gives COCO-style retrieval metrics (images
+de-duplicated, cosine similarity); the training run also writes the features and pictures its
+config's ``evaluation:`` section asks for.
 """
 
 from __future__ import annotations
@@ -10,24 +12,86 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from xclip_jax.errors import UserError, cli
+
+# A similarity matrix larger than this is not written (the features are, and it is one product away).
+MAX_SIMILARITY_BYTES = 2 << 30
+
+
+def write_evaluation(cfg, spec, params, sets: dict, out_dir: Path) -> dict:
+    """The final evaluation of a training run: test and val metrics of ``params``, and on the test
+    set (val when there is none) the features (``save_features``) and pictures
+    (``visualization_samples``) the config asks for. Returns ``{split: metrics}``."""
+    from xclip_jax.metrics import retrieval_metrics_indexed
+    from xclip_jax.step import project, to_device
+
+    ev = cfg.evaluation
+    shown = "test" if "test" in sets else "val"
+    metrics = {}
+    for split in ("test", "val"):
+        if split not in sets:
+            continue
+        split_data = to_device(sets[split])
+        zi, zt = project(params, spec, split_data)
+        metrics[split] = retrieval_metrics_indexed(zi, zt, split_data.row_image_R, ks=tuple(ev.top_k))
+        if split != shown:
+            continue
+        if ev.save_features:
+            save_features(zi, zt, split_data.row_image_R, Path(out_dir) / "features", split)
+        if ev.visualization_samples:
+            from xclip_jax.figures import embedding_figures
+
+            embedding_figures(zi, zt, np.asarray(split_data.row_image_R), samples=ev.visualization_samples,
+                              perplexity=ev.tsne_perplexity, out_dir=out_dir, prefix=split, seed=cfg.seed)
+    return metrics
+
+
+def save_features(zi_NxD, zt_TxD, row_image_T, out_dir, split: str, announce=print) -> list:
+    """The projected features of a set and their cosine similarity matrix, as .npy files in ``out_dir``:
+    ``{split}_image_features`` [N unique images, D], ``{split}_text_features`` [T captions, D],
+    ``{split}_row_image`` [T] (the image of each caption) and ``{split}_similarity`` [N, T]."""
+    import jax
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, array in (("image_features", zi_NxD), ("text_features", zt_TxD), ("row_image", row_image_T)):
+        written.append(out_dir / f"{split}_{name}.npy")
+        np.save(written[-1], np.asarray(array))
+    n, t = zi_NxD.shape[0], zt_TxD.shape[0]
+    if 4 * n * t > MAX_SIMILARITY_BYTES:
+        if announce:
+            announce(f"features: {split}_similarity.npy skipped ({n:,} x {t:,} floats is over "
+                     f"{MAX_SIMILARITY_BYTES >> 30} GiB); it is image_features @ text_features.T")
+        return written
+    written.append(out_dir / f"{split}_similarity.npy")
+    sim = np.lib.format.open_memmap(written[-1], mode="w+", dtype=np.float32, shape=(n, t))
+    similarity = jax.jit(lambda a, b: a @ b.T)
+    chunk = max(1, (64 << 20) // (4 * t))
+    with jax.default_matmul_precision("highest"):
+        for start in range(0, n, chunk):
+            sim[start:start + chunk] = np.asarray(similarity(zi_NxD[start:start + chunk], zt_TxD))
+    sim.flush()
+    del sim
+    return written
 
 
 def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | None = None) -> dict:
     """Metrics of a checkpoint's heads on ``split`` (a split of its config, or a set NAME in ``data_dir``)."""
     from xclip_jax import checkpoint, data
     from xclip_jax.metrics import retrieval_metrics_indexed
-    from xclip_jax.train import load_sets
 
     heads = checkpoint.restore(checkpoint_dir)
     cfg = heads.config
     if data_dir is not None:
         eset = data.load_named_set(data_dir, split)
-    elif split not in ("train", "val", "test"):
+    elif split not in data.SPLITS:
         raise UserError(f"--set {split}: a set NAME needs --data-dir DIR (with {split}_image_embeddings.npy etc.); "
                         "without it use test, val or train")
     else:
-        sets = load_sets(cfg, splits=(split,))
+        sets = data.load_sets(cfg.data, cfg.base_data_dir, splits=(split,))
         if split not in sets:
             raise UserError(f"the checkpoint's config names no {split!r} set; pass --data-dir DIR with "
                             f"{split}_image_embeddings.npy etc.")

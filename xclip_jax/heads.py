@@ -1,4 +1,5 @@
-"""The four projection heads (SPEC §2) as Flax modules, and the factory that builds a pair.
+"""The four projection heads (SPEC §2) as Flax modules, and the factory that builds a pair from a
+``HeadSpec`` (which, with the allowed head types, lives in ``xclip_jax.spec``).
 
 Initialisation follows PyTorch's defaults (``nn.Linear``: weights and bias uniform in
 ±1/sqrt(fan_in); ``nn.MultiheadAttention``: Xavier-uniform input projection, zero biases) so that a
@@ -8,7 +9,6 @@ eps is 1e-5, as in PyTorch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -16,33 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-HEAD_TYPES = ("siglip", "clip", "mlp", "attention")
+from xclip_jax.spec import HEAD_TYPES, HeadSpec
+
 LN_EPS = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadSpec:
-    """Everything that fixes a head's architecture (hashable: it is static under jit).
-
-    Attributes:
-      head_type: one of ``HEAD_TYPES``.
-      output_dim: size of the shared embedding space.
-      hidden_dim: hidden width for clip/mlp; ``None`` means ``in_dim // 2``. Unused by siglip and
-        attention (as in the original).
-      dropout: the default dropout rate; a call's ``dropout_rate`` (possibly traced) overrides it,
-        which is how training passes it as data so that rates don't change the compiled program.
-      num_heads: attention heads (attention head only).
-      num_layers: attention blocks (attention head only).
-      dtype: computation dtype of the matmuls (``"float32"`` or ``"bfloat16"``); params stay float32.
-    """
-
-    head_type: str = "siglip"
-    output_dim: int = 512
-    hidden_dim: int | None = None
-    dropout: float = 0.0
-    num_heads: int = 8
-    num_layers: int = 1
-    dtype: str = "float32"
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -95,6 +71,7 @@ class SiglipHead(nn.Module):
     """LayerNorm → Dropout → Linear(in→out, no bias, N(0, in^-1/2)) → L2."""
 
     spec: HeadSpec
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, dropout_rate=None):
@@ -102,7 +79,7 @@ class SiglipHead(nn.Module):
         rate = self.spec.dropout if dropout_rate is None else dropout_rate
         x = _layer_norm()(x)
         x = dropout(self, x, rate, train)
-        x = torch_linear(self.spec.output_dim, in_dim, use_bias=False, dtype=jnp.dtype(self.spec.dtype),
+        x = torch_linear(self.spec.output_dim, in_dim, use_bias=False, dtype=jnp.dtype(self.dtype),
                          kernel_init=nn.initializers.normal(stddev=in_dim ** -0.5))(x)
         return l2_normalize(x)
 
@@ -111,13 +88,14 @@ class ClipHead(nn.Module):
     """Linear(in→hidden) → GELU → Dropout → Linear(hidden→out) [→ LayerNorm for mlp] → L2."""
 
     spec: HeadSpec
+    dtype: str = "float32"
     final_norm: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, dropout_rate=None):
         in_dim = x.shape[-1]
         hidden = self.spec.hidden_dim or in_dim // 2
-        dtype = jnp.dtype(self.spec.dtype)
+        dtype = jnp.dtype(self.dtype)
         rate = self.spec.dropout if dropout_rate is None else dropout_rate
         x = torch_linear(hidden, in_dim, dtype=dtype)(x)
         x = _gelu(x)
@@ -159,11 +137,12 @@ class AttentionHead(nn.Module):
     """``num_layers`` × AttentionBlock over the input dims, then Linear(in→out) → LayerNorm → L2."""
 
     spec: HeadSpec
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, dropout_rate=None):
         in_dim = x.shape[-1]
-        dtype = jnp.dtype(self.spec.dtype)
+        dtype = jnp.dtype(self.dtype)
         rate = self.spec.dropout if dropout_rate is None else dropout_rate
         for _ in range(self.spec.num_layers):
             x = AttentionBlock(self.spec.num_heads, dtype)(x, train=train, dropout_rate=rate)
@@ -172,30 +151,31 @@ class AttentionHead(nn.Module):
         return l2_normalize(x)
 
 
-def make_head(spec: HeadSpec, in_dim: int) -> nn.Module:
-    """Build one head for inputs of ``in_dim`` dims; raises ValueError on an impossible spec."""
-    if spec.head_type not in HEAD_TYPES:
-        raise ValueError(f"unknown head type {spec.head_type!r}; choose one of {', '.join(HEAD_TYPES)}")
-    if spec.head_type == "attention" and in_dim % spec.num_heads:
+def make_head(spec: HeadSpec, in_dim: int, dtype: str = "float32") -> nn.Module:
+    """Build one head for inputs of ``in_dim`` dims, its matmuls in ``dtype``; raises ValueError on an
+    impossible spec."""
+    if spec.type not in HEAD_TYPES:
+        raise ValueError(f"unknown head type {spec.type!r}; choose one of {', '.join(HEAD_TYPES)}")
+    if spec.type == "attention" and in_dim % spec.num_heads:
         raise ValueError(
             f"attention head: input dim {in_dim} is not divisible by num_heads={spec.num_heads}; "
             "choose num_heads that divides both input dims")
-    if spec.head_type == "siglip":
-        return SiglipHead(spec)
-    if spec.head_type == "clip":
-        return ClipHead(spec)
-    if spec.head_type == "mlp":
-        return ClipHead(spec, final_norm=True)
-    return AttentionHead(spec)
+    if spec.type == "siglip":
+        return SiglipHead(spec, dtype)
+    if spec.type == "clip":
+        return ClipHead(spec, dtype)
+    if spec.type == "mlp":
+        return ClipHead(spec, dtype, final_norm=True)
+    return AttentionHead(spec, dtype)
 
 
-def make_heads(spec: HeadSpec, image_dim: int, text_dim: int) -> tuple[nn.Module, nn.Module]:
+def make_heads(spec: HeadSpec, image_dim: int, text_dim: int, dtype: str = "float32") -> tuple[nn.Module, nn.Module]:
     """The image head and the text head: same hyperparameters, each for its own input dim."""
-    return make_head(spec, image_dim), make_head(spec, text_dim)
+    return make_head(spec, image_dim, dtype), make_head(spec, text_dim, dtype)
 
 
 def init_head_params(spec: HeadSpec, image_dim: int, text_dim: int, key: jax.Array) -> dict:
-    """Fresh parameters ``{"image": …, "text": …}`` for both heads."""
+    """Fresh parameters ``{"image": …, "text": …}`` for both heads (the dtype changes no parameter)."""
     image_head, text_head = make_heads(spec, image_dim, text_dim)
     k_img, k_txt = jax.random.split(key)
     return {

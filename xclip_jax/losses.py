@@ -12,7 +12,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
 MAX_LOG_SCALE = math.log(100.0)
 SIGLIP_BIAS_INIT = -10.0
 

@@ -22,11 +22,13 @@ image that ties the own image exactly (e.g. a duplicate embedding) may then coun
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xclip_jax.ids import group_first_occurrence
 
 DEFAULT_KS = (1, 5, 10, 50)
 DEFAULT_CHUNK_SIZE = 1024
@@ -327,28 +329,6 @@ def retrieval_metrics_indexed(
     return _summarise(i2t_ranks, t2i_ranks, ks)
 
 
-def _dedup_ids(image_ids) -> tuple[np.ndarray, np.ndarray]:
-    """Return (first row of each unique id, in first-occurrence order; unique index per row)."""
-    arr = np.asarray(image_ids) if not isinstance(image_ids, np.ndarray) else image_ids
-    if arr.ndim == 1 and arr.dtype.kind in "iubUS":
-        _, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
-        # np.unique sorts by value; reorder by first occurrence so image order follows the data.
-        order = np.argsort(first, kind="stable")
-        new_index = np.empty_like(order)
-        new_index[order] = np.arange(order.size)
-        return first[order], new_index[inverse.reshape(-1)]
-    # Arbitrary hashables (tuples, mixed objects): a dict keeps first-occurrence order.
-    index: dict[Hashable, int] = {}
-    first_rows = []
-    text_image = np.empty(len(image_ids), dtype=np.int64)
-    for row, key in enumerate(image_ids):
-        j = index.setdefault(key, len(index))
-        if j == len(first_rows):
-            first_rows.append(row)
-        text_image[row] = j
-    return np.asarray(first_rows, dtype=np.int64), text_image
-
-
 def retrieval_metrics(
     image_emb,
     text_emb,
@@ -386,7 +366,7 @@ def retrieval_metrics(
             "image_emb, text_emb and image_ids must have the same number of rows, got "
             f"{image_emb.shape[0]}, {text_emb.shape[0]} and {rows}"
         )
-    first_rows, text_image = _dedup_ids(image_ids)
+    first_rows, text_image = group_first_occurrence(image_ids)
     unique_image_emb = image_emb[first_rows]
     return retrieval_metrics_indexed(unique_image_emb, text_emb, text_image, ks, chunk_size)
 

@@ -1,5 +1,7 @@
 """Report on an Optuna tuning study: JSON summary, parameter importances and plots.
 
+The tuning driver writes a study's outputs here (``write_outputs``: the report below, plus
+``best_config.yaml`` and ``best_results.json``), and
 `python -m xclip_jax.report STORAGE STUDY [--output-dir optuna_results]` loads a study
 from its storage (e.g. ``sqlite:///optuna.db``) and writes::
 
@@ -16,28 +18,22 @@ intermediate values) is skipped with a logged warning instead of failing the rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
-import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from xclip_jax.errors import UserError, cli, mask_secrets
+from xclip_jax.errors import UserError, cli, exception_line
+from xclip_jax.study import load_study
+from xclip_jax.study_plots import write_plots
 
 logger = logging.getLogger(__name__)
-
-PLOT_NAMES = (
-    "optimization_history",
-    "param_importances",
-    "parallel_coordinate",
-    "intermediate_values",
-)
 
 _STATES = (
     TrialState.COMPLETE,
@@ -225,97 +221,6 @@ def importances(study: optuna.Study) -> dict[str, float]:
     return result
 
 
-# ---------------------------------------------------------------------------- plots
-
-
-def _why_no_plot(name: str, study: optuna.Study, imps: dict[str, float]) -> str | None:
-    """Reason plot `name` can't be made for `study`, or None when it can.
-
-    Optuna draws an empty figure (and logs a warning) for most of these cases; an
-    empty file is less useful than a clear note about what the study is missing.
-    """
-    complete = _complete_trials(study)
-    if len(study.directions) != 1:
-        return "multi-objective studies are not supported by this report's plots"
-    if name == "optimization_history":
-        if not complete:
-            return "no COMPLETE trial"
-    elif name == "param_importances":
-        if not imps:
-            return "parameter importances unavailable: " + (
-                _why_no_importances(complete) or "the evaluator failed"
-            )
-    elif name == "parallel_coordinate":
-        # One line across the axes says nothing about the search space, and
-        # matplotlib warns about the zero-height axis ranges it implies.
-        if len(complete) < 2:
-            return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
-        if not any(t.params for t in complete):
-            return "no trial suggested any parameter"
-    elif name == "intermediate_values":
-        if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
-            return "no trial reported intermediate values (trial.report)"
-    return None
-
-
-class _Precomputed(optuna.importance.BaseImportanceEvaluator):
-    """Evaluator that hands back importances computed once by :func:`importances`."""
-
-    def __init__(self, imps: dict[str, float]):
-        self._imps = dict(imps)
-
-    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
-        return {k: v for k, v in self._imps.items() if params is None or k in params}
-
-
-def _plot_kwargs(name: str, imps: dict[str, float]) -> dict:
-    # Left alone, each importance plot re-runs the evaluator: twice the cost, its
-    # warnings repeated, and numbers that could drift from importances.json.
-    return {"evaluator": _Precomputed(imps)} if name == "param_importances" else {}
-
-
-def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
-    import optuna.visualization as vis
-
-    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, imps))
-    # "directory" puts one plotly.min.js beside the pages: works offline (no CDN)
-    # without embedding ~4 MB of JavaScript in every page.
-    fig.write_html(str(path), include_plotlyjs="directory")
-
-
-def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
-    import optuna.visualization.matplotlib as vis_mpl
-    from matplotlib import pyplot as plt
-
-    with warnings.catch_warnings():
-        # Optuna marks every matplotlib plot experimental; the warning would be
-        # repeated for each PNG of every report and tells the reader nothing.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, imps))
-    fig = _figure_of(ax)
-    try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)  # figures otherwise accumulate in pyplot for the process' life
-
-
-def _figure_of(ax: Any):
-    if hasattr(ax, "figure"):
-        return ax.figure
-    # Some optuna plots return an array of Axes.
-    return next(iter(getattr(ax, "flat", ax))).figure
-
-
-def _ensure_headless_matplotlib() -> None:
-    # Optuna's matplotlib plots go through pyplot; pick the file-only Agg backend
-    # unless pyplot is already in use, in which case the caller (e.g. a notebook)
-    # chose a backend and the figures are only created and closed, never shown.
-    if "matplotlib.pyplot" not in sys.modules:
-        import matplotlib
-
-        matplotlib.use("Agg")
-
-
 def write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     """See :func:`_write_report`; Optuna's notes on small studies (few trials per regime, flat
     axes) are silenced here: they are expected early in a study and say nothing actionable."""
@@ -338,8 +243,7 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     written, with ``.skipped`` = ``{plot name: reason}``.
     """
     out_dir = Path(out_dir)
-    plots_dir = out_dir / "plots"
-    plots_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = Report()
 
     summary_path = out_dir / "study_summary.json"
@@ -351,76 +255,99 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     _write_json(imps_path, imps)
     report["importances.json"] = imps_path
 
-    _ensure_headless_matplotlib()
-    writers: dict[str, Callable] = {"html": _write_html, "png": _write_png}
-    for name in PLOT_NAMES:
-        reason = _why_no_plot(name, study, imps)
-        if reason is not None:
-            report.skipped[name] = reason
-            logger.warning("plot %s skipped: %s", name, reason)
-            continue
-        for ext, writer in writers.items():
-            path = plots_dir / f"{name}.{ext}"
-            try:
-                writer(name, study, imps, path)
-            except Exception as e:  # one broken plot must not lose the others
-                key = f"{name}.{ext}"
-                report.skipped[key] = f"{type(e).__name__}: {e}"
-                logger.warning("plot %s skipped: %s: %s", key, type(e).__name__, e)
-                path.unlink(missing_ok=True)
-                continue
-            report[f"plots/{path.name}"] = path
-    js = plots_dir / "plotly.min.js"
-    if js.exists() and any(k.endswith(".html") for k in report):
-        report["plots/plotly.min.js"] = js
+    written, skipped = write_plots(study, imps, out_dir / "plots")
+    report.update({f"plots/{path.name}": path for path in written})
+    report.skipped.update(skipped)
     return report
+
+
+# ---------------------------------------------------------------------------- a study's outputs
+
+
+def full_training_files(cfg) -> tuple[dict, str | None]:
+    """The study tuned on the tuning subset (``train_tuning_*``); the final run should train on the
+    full training split (``train_*``). Returns ``(changes to the data section, warning or None)``,
+    the file names found by the same rule as every command (a converted ``.npy`` wins)."""
+    from xclip_jax.data import resolve_file
+    from xclip_jax.errors import UserError
+
+    data, base = cfg.data, Path(cfg.base_data_dir)
+    names = {f"train_{part}": getattr(data, f"train_{part}")
+             for part in ("image_embeddings", "text_embeddings", "metadata")}
+    if data.synthetic is not None or not all("train_tuning_" in n for n in names.values()):
+        return {}, None
+    changes = {}
+    for key, name in names.items():
+        full = name.replace("train_tuning_", "train_")
+        try:
+            found = resolve_file(base / full) if key != "train_metadata" else base / full
+        except UserError:
+            continue
+        if found.is_file():
+            changes[key] = str(found.relative_to(base))
+    if len(changes) == 3:
+        return changes, None
+    return {}, (f"best_config.yaml trains on the tuning subset ({names['train_image_embeddings']} …): no full "
+                f"training set train_* was found in {base}; make it with python -m xclip_jax.data split, "
+                "or edit the data section of best_config.yaml")
+
+
+def best_train_config(cfg, trial):
+    """The complete training config of the best trial, for a full run on the full data; and a warning
+    when the full training set is not there (the config then keeps the tuning subset)."""
+    from xclip_jax.tune_config import trial_config
+
+    tc = trial_config(cfg, trial.params, trial_number=trial.number, experiment_name=f"{cfg.study_name}_best")
+    changes, warning = full_training_files(cfg)
+    if changes:
+        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
+    training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
+    return dataclasses.replace(tc, training=training, output_dir="outputs"), warning
+
+
+def write_outputs(study, cfg) -> dict:
+    """best_config.yaml, best_results.json and the report (summary, importances, plots)."""
+    from xclip_jax.config import dump_yaml
+    from xclip_jax.study import counts
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_report(study, out)
+    try:
+        best = study.best_trial
+    except ValueError:
+        return written
+    tc, warning = best_train_config(cfg, best)
+    header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
+              f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
+    if warning:
+        header += f"# NOTE: {warning}\n"
+        written.warnings.append(warning)
+    dump_yaml(tc, out / "best_config.yaml", header=header)
+    results = {
+        "study_name": cfg.study_name,
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "user_attrs": best.user_attrs,
+        "checkpoint": str(Path(cfg.checkpoint_dir) / f"{best.number:05d}"),
+        "counts": counts(study),
+    }
+    (out / "best_results.json").write_text(json.dumps(results, indent=2, default=str))
+    written["best_config"] = out / "best_config.yaml"
+    written["best_results"] = out / "best_results.json"
+    return written
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def load_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load `study_name` from `storage_url`; UserError (listing the studies there) if absent."""
-    from xclip_jax.study import make_storage
-
-    storage = make_storage(storage_url, must_exist=True)
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as e:
-        raise UserError(
-            f"cannot read studies from storage {mask_secrets(storage_url)!r}: {_first_line(e)}"
-        ) from e
-    if study_name not in names:
-        where = f"storage {mask_secrets(storage_url)!r}"
-        if names:
-            listed = ", ".join(sorted(names))
-            raise UserError(
-                f"study {study_name!r} not found in {where}; available studies: {listed}"
-            )
-        raise UserError(
-            f"study {study_name!r} not found: {where} holds no studies; run the tuner "
-            f"with this storage first, or check the URL"
-        )
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m xclip_jax.report",
-        description="Write a JSON summary, parameter importances and plots of an Optuna study.",
-    )
+    p = argparse.ArgumentParser(prog="python -m xclip_jax.report",
+                                description="Write a JSON summary, parameter importances and plots of an Optuna study.")
     p.add_argument("storage", metavar="STORAGE", help="storage URL, e.g. sqlite:///optuna.db")
     p.add_argument("study", metavar="STUDY", help="study name")
-    p.add_argument(
-        "--output-dir",
-        default="optuna_results",
-        help="where to write the report (default: %(default)s)",
-    )
+    p.add_argument("--output-dir", default="optuna_results", help="where to write the report (default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -429,9 +356,7 @@ def _summary_line(study: optuna.Study) -> str:
     counts = _state_counts(study.get_trials(deepcopy=False))
     parts = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
     best = _best_trial(study)
-    best_text = (
-        f"best trial {best.number}: {best.value:.6g}" if best is not None else "no best trial"
-    )
+    best_text = f"best trial {best.number}: {best.value:.6g}" if best is not None else "no best trial"
     return f"study {study.study_name!r}: {parts or 'no trials'}; {best_text}"
 
 
@@ -448,10 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = write_report(study, args.output_dir)
     except OSError as e:
-        raise UserError(
-            f"cannot write the report to {args.output_dir!r}: {_first_line(e)}; pass a "
-            f"writable --output-dir"
-        ) from e
+        raise UserError(f"cannot write the report to {args.output_dir!r}: {exception_line(e)}; pass a "
+                        "writable --output-dir") from e
     print(_summary_line(study))
     for path in report.values():
         print(f"wrote {path}")

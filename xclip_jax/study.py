@@ -1,107 +1,37 @@
-"""The Optuna side of tuning, shared by the driver and the trial processes.
+"""The study policy: everything that talks to Optuna, shared by the driver and the trial processes.
 
-Storage, sampler and pruner from the typed config, the search space with its conditions, the
-changed-space check, the trial counts toward ``n_trials``, and the data cache that lets every
-trial process start from memory-mapped arrays instead of re-reading and re-validating the data.
+Storage, sampler and pruner from the typed config; the search space with its conditions, sampled
+and checked against the data; the changed-space check; asking for trials, counting them toward
+``n_trials``, failing and retrying them (stale and lost ones too). The few private Optuna calls
+this needs are gathered at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import hashlib
 import itertools
 import json
 import logging
 import os
-import re
-import warnings
-from pathlib import Path
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from xclip_jax.config import PARAM_PATHS, SECTION_TYPES, ParamSpace, TuneConfig, condition
-from xclip_jax.data import source_line
 from xclip_jax.errors import UserError, exception_line, mask_secrets
+from xclip_jax.spec import fit_problems
+from xclip_jax.storage import make_storage, quiet_optuna
+from xclip_jax.tune_config import (
+    PARAM_PATHS,
+    SECTION_TYPES,
+    ParamSpace,
+    TuneConfig,
+    condition,
+    trial_config,
+)
 
 SPACE_ATTR = "xclip_search_space"
 SKIPPED_ATTR = "xclip_skipped"  # a sampled combination that can't run: told PRUNED at once, not counted
 log = logging.getLogger("xclip_jax.tune")
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-_ENV_REF = re.compile(r"\$\{(\w+)\}")
-
-
-def expand_url(url: str) -> str:
-    """A storage URL with each ``${NAME}`` replaced by that environment variable, so that a config
-    can say ``postgresql+psycopg://alice:${PGPASSWORD}@host/db`` and hold no secret itself (libpq's own
-    PGPASSWORD and ~/.pgpass work too, with no password in the URL)."""
-
-    def value(match):
-        if match.group(1) not in os.environ:
-            raise UserError(f"storage {mask_secrets(url)}: environment variable {match.group(1)} is not set; "
-                            "export it or write the URL without it")
-        return os.environ[match.group(1)]
-
-    return _ENV_REF.sub(value, url)
-
-
-def make_storage(url: str, cfg: TuneConfig | None = None, *, heartbeat: bool = False, must_exist: bool = False):
-    """An Optuna storage for ``url`` (``${NAME}`` expanded); bad, unreachable or driverless URLs raise a
-    one-line UserError that never shows the password.
-
-    SQLite gets a long busy timeout so that many trial processes can report at once; PostgreSQL
-    (and other servers) a pre-pinged, small connection pool. With ``heartbeat`` the driver's
-    storage records heartbeats, so that drivers can tell the trials of a dead driver (stale ones).
-    With ``must_exist`` a SQLite file that is not there is an error (SQLAlchemy would silently
-    create an empty database at a mistyped path).
-    """
-    from optuna.storages import RDBStorage
-
-    shown = mask_secrets(url)
-    if "://" not in url:
-        hint = f"; for a SQLite file use sqlite:///{url}" if Path(url).exists() else ""
-        raise UserError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db or "
-                        f"postgresql+psycopg://user@host/db){hint}")
-    full = expand_url(url)
-    if full.startswith("sqlite:///"):
-        db = Path(full[len("sqlite:///"):].split("?", 1)[0])
-        if must_exist and str(db) not in ("", ":memory:") and not db.is_file():
-            raise UserError(f"storage {shown!r}: SQLite file {str(db)!r} does not exist; pass the database the "
-                            "tuner wrote (its --storage)")
-        if db.parent and not db.parent.exists():
-            raise UserError(f"storage {shown}: folder {db.parent} does not exist; create it or change storage")
-        engine_kwargs = {"connect_args": {"timeout": 120}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
-    kwargs = {}
-    if heartbeat and cfg is not None:
-        kwargs = dict(heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period)
-    try:
-        with quiet_optuna():
-            return RDBStorage(full, engine_kwargs=engine_kwargs, **kwargs)
-    except ImportError:  # Optuna's own check, or SQLAlchemy's import of the driver
-        raise UserError(f"storage {shown}: its database driver is not installed; for PostgreSQL "
-                        "pip install '.[postgres]' (psycopg 3) and use postgresql+psycopg://…") from None
-    except Exception as e:  # sqlalchemy raises many kinds; all mean the same to the user
-        raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
-                        "that the server runs") from None
-
-
-@contextlib.contextmanager
-def quiet_optuna():
-    """Silence Optuna's experimental/deprecation notes about the heartbeat API we rely on."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        yield
 
 
 def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial, always: bool = False) -> None:
@@ -205,7 +135,7 @@ def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
 MAX_SKIPPED_IN_A_ROW = 200
 
 
-def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, int]):
+def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, int], rows: int):
     """The next trial to run, its parameters sampled, its heartbeat started; None when it is surplus
     (another driver asked at the same moment and the study's total is reached).
 
@@ -216,13 +146,13 @@ def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, in
     for _ in range(MAX_SKIPPED_IN_A_ROW):
         with quiet_optuna():
             trial = study.ask()
-        tid = trial._trial_id
+        tid = trial_id(trial)
         storage.record_heartbeat(tid)
         if is_surplus(study, trial.number, cfg.n_trials):
             storage.set_trial_system_attr(tid, "xclip_surplus", True)
             study.tell(trial.number, state=TrialState.FAIL)
             return None
-        problem = combination_problem(sample(trial, cfg), cfg, dims)
+        problem = combination_problem(sample(trial, cfg), cfg, dims, rows)
         if not problem:
             return trial
         storage.set_trial_system_attr(tid, SKIPPED_ATTR, problem)
@@ -234,20 +164,17 @@ def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, in
 
 # ----------------------------------------------------------------------------- combinations vs the data
 
-# The parameters whose combinations (with the data's dims) can make a trial impossible or pointless.
+# The parameters that ``spec.fit_problems`` reads: their combinations (with the data) can make a
+# trial impossible or pointless.
 _CONSTRAINED = ("head_type", "num_heads", "loss_type", "queue_size", "batch_size")
 
 
-def combination_problem(values: dict, cfg: TuneConfig, dims: tuple[int, int]) -> str | None:
-    """Why one trial's parameters can't run on data of input ``dims`` (image, text), or None."""
-    value = functools.partial(_value_of, params=values, cfg=cfg)
-    if value("head_type") == "attention" and any(d % value("num_heads") for d in dims):
-        return (f"attention needs num_heads dividing the input dims (image {dims[0]}, text {dims[1]}), "
-                f"got num_heads {value('num_heads')}")
-    if value("loss_type") == "queue_infonce" and value("queue_size") < value("batch_size"):
-        return (f"queue_size {value('queue_size')} is smaller than batch_size {value('batch_size')} "
-                "(the queue must hold at least one batch)")
-    return None
+def combination_problem(values: dict, cfg: TuneConfig, dims: tuple[int, int], rows: int) -> str | None:
+    """Why one trial's parameters can't run (or shouldn't) on data of input ``dims`` and ``rows``, or
+    None: the first error or warning of ``spec.fit_problems``, the rules the training CLI applies."""
+    tc = trial_config(cfg, values)
+    errors, warnings = fit_problems(tc.model, tc.loss, tc.training, image_dim=dims[0], text_dim=dims[1], rows=rows)
+    return next(iter(errors + warnings), None)
 
 
 def _values(space: ParamSpace) -> list:
@@ -265,12 +192,6 @@ def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str
     divides no input dim) is an error naming it and the fix; combinations that only some draws hit
     (a queue smaller than the batch) are skipped when sampled, and the returned warning says which.
     """
-    batch_space = cfg.search_space.get("batch_size")
-    batches = _values(batch_space) if batch_space else [_value_of("batch_size", {}, cfg)]
-    too_big = [b for b in batches if b > rows]
-    if too_big:
-        raise UserError(f"batch_size {too_big} larger than the training set ({rows} rows); "
-                        "remove those choices or use a larger training set")
     involved = [n for n in cfg.search_space if n in _CONSTRAINED]
     for name in list(involved):  # with the parameters their conditions read
         involved += [d for d in (condition(name, cfg.search_space[name]) or {})
@@ -279,7 +200,7 @@ def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str
     for picked in itertools.product(*(_values(cfg.search_space[n]) for n in involved)):
         full = dict(zip(involved, picked))
         active = {n: v for n, v in _walk(cfg, lambda name, _: full.get(name)).items() if n in full}
-        combos[tuple(sorted(active.items(), key=str))] = combination_problem(active, cfg, dims)
+        combos[tuple(sorted(active.items(), key=str))] = combination_problem(active, cfg, dims, rows)
     if all(combos.values()):
         example = next(iter(combos.values()))
         raise UserError(f"search_space: no combination of the choices can run on this data ({example}); "
@@ -341,6 +262,23 @@ def _has_trials(study: optuna.Study) -> bool:
     return bool(c["finished"] or c["running"] or c["retried"])
 
 
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Load `study_name` from `storage_url`; UserError (listing the studies there) if absent."""
+    storage = make_storage(storage_url, must_exist=True)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:
+        raise UserError(f"cannot read studies from storage {mask_secrets(storage_url)!r}: {exception_line(e)}") from e
+    if study_name not in names:
+        where = f"storage {mask_secrets(storage_url)!r}"
+        if names:
+            listed = ", ".join(sorted(names))
+            raise UserError(f"study {study_name!r} not found in {where}; available studies: {listed}")
+        raise UserError(f"study {study_name!r} not found: {where} holds no studies; run the tuner with this storage "
+                        "first, or check the URL")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
 def find_study(storage, name: str) -> optuna.Study | None:
     """The study ``name`` in the storage, or None (creates nothing)."""
     if name not in optuna.get_all_study_names(storage):
@@ -391,60 +329,67 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     return len(counted) > n_trials
 
 
-# ----------------------------------------------------------------------------- data cache
+# ----------------------------------------------------------------------------- failing trials
 
 
-def data_cache_dir(cfg: TuneConfig, root: Path) -> Path:
-    """A folder keyed by the data config (and the files' sizes and times), shared by trials."""
-    desc = json.dumps({"data": dataclasses.asdict(cfg.data), "base": str(Path(cfg.base_data_dir).absolute())},
-                      sort_keys=True, default=str)
-    for split in ("train", "val"):
-        paths = cfg.data.paths(split, cfg.base_data_dir)
-        for p in paths or ():
-            if p.exists():
-                st = p.stat()
-                desc += f"|{p}:{st.st_size}:{st.st_mtime_ns}"
-    return root / hashlib.sha256(desc.encode()).hexdigest()[:16]
+def fail_trial(study: optuna.Study, storage, tid: int, reason: str, retry: str = "once") -> bool:
+    """Record a RUNNING trial FAIL with ``reason`` unless another driver got there first (the state
+    change is one locked row update: exactly one wins); the winner queues its params again per
+    ``retry``: "once" (unless the trial was itself a retry), "always" (the failure was not the
+    parameters' fault) or "never". Returns whether this call failed it."""
+    from optuna.exceptions import UpdateFinishedTrialError
 
-
-def write_cache(sets: dict, directory: Path) -> None:
-    """Write validated, de-duplicated sets as .npy files (atomically: a folder renamed when done)."""
-    if (directory / "done").exists():
-        return
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    for split, s in sets.items():
-        np.save(tmp / f"{split}_image.npy", s.image)
-        np.save(tmp / f"{split}_text.npy", s.text)
-        np.save(tmp / f"{split}_row_image.npy", s.row_image)
-        np.save(tmp / f"{split}_image_ids.npy", np.asarray([str(i) for i in s.image_ids]))
-    (tmp / "sources.txt").write_text("".join(source_line(s) + "\n" for s in sets.values()))
-    (tmp / "done").write_text("ok")
     try:
-        tmp.rename(directory)
-    except OSError:  # another driver on this machine finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cached_sources(directory: Path) -> list[str]:
-    """The lines saying where the cached sets were read from (as printed when they were loaded)."""
-    path = directory / "sources.txt"
-    return path.read_text().splitlines() if path.exists() else []
+        storage.set_trial_user_attr(tid, "fail_reason", reason)
+        if not storage.set_trial_state_values(tid, state=TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    if retry != "never":
+        retry_once(study, storage.get_trial(tid), always=retry == "always")
+    return True
 
 
-def read_cache(directory: Path, splits=("train", "val")) -> dict:
-    """Memory-map the cached sets back as EmbeddingSets (no copy, no re-validation)."""
-    from xclip_jax.data import EmbeddingSet
+def fail_lost_trials(study: optuna.Study, storage, cfg: TuneConfig, ours: set[int], host: str) -> None:
+    """Fail (and retry once) the RUNNING trials of drivers that are gone: those whose heartbeat went
+    stale (another machine), and those of a dead driver process on this host."""
+    for tid in stale_trial_ids(study, storage):
+        fail_trial(study, storage, tid, f"no heartbeat for {cfg.grace_period:g} s: the driver that ran it stopped "
+                                        "(machine lost or driver killed); its parameters run again")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.user_attrs
+        if (trial_id(t) not in ours and attrs.get("driver_host") == host and "driver_pid" in attrs
+                and not _pid_alive(attrs["driver_pid"])):
+            fail_trial(study, storage, trial_id(t), "its driver died; its parameters run again")
 
-    out = {}
-    for split in splits:
-        out[split] = EmbeddingSet(
-            name=split,
-            image=np.load(directory / f"{split}_image.npy", mmap_mode="r"),
-            text=np.load(directory / f"{split}_text.npy", mmap_mode="r"),
-            row_image=np.load(directory / f"{split}_row_image.npy"),
-            image_ids=np.load(directory / f"{split}_image_ids.npy"),
-        )
-    return out
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- Optuna's private API
+# Where Optuna offers no public route, in one place, so that an upgrade touches only this.
+
+
+def trial_id(trial) -> int:
+    """A trial's storage id (storage calls take ids; ``Study.tell`` takes numbers)."""
+    return trial._trial_id
+
+
+def stale_trial_ids(study: optuna.Study, storage) -> list[int]:
+    """RUNNING trials whose heartbeat is older than the grace period. Optuna's public
+    ``fail_stale_trials`` fails them itself, before we could attach a ``fail_reason`` (a finished
+    trial's attributes are read-only), so the same query is made here."""
+    return storage._get_stale_trial_ids(study._study_id)
+
+
+def open_trial(study: optuna.Study, tid: int) -> optuna.Trial:
+    """The running trial ``tid`` as a ``Trial`` to report to and suggest from (in a trial process,
+    which did not ask for it)."""
+    return optuna.trial.Trial(study, tid)

@@ -1,0 +1,97 @@
+"""The tuning config: the original's optuna YAML, its search space and each trial's training config."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from tests.test_config import ORIGINAL_FULL, ROOT, _bad  # noqa: F401  (the shared training-config fixtures)
+from xclip_jax.config import ConfigError, TrainConfig, dump_yaml, load_train_config
+from xclip_jax.tune_config import TuneConfig, load_tune_config, trial_config
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "quickstart.yaml"])
+def test_shipped_tuning_configs_load(name):
+    cfg = load_tune_config(ROOT / "configs" / name)
+    assert cfg.search_space["head_type"].choices == ("siglip", "clip", "attention", "mlp")
+
+
+TUNE = """
+study_name: s
+n_trials: 3
+data: {synthetic: {images: 100, image_dim: 8, text_dim: 8}}
+search_space:
+  head_type: {type: categorical, choices: [siglip, clip]}
+  hidden_dim: {type: categorical, choices: [16, 32]}
+  learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+fixed: {output_dim: 8, batch_size: 32}
+"""
+
+
+def test_tune_config_and_trial_config(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(TUNE)
+    cfg = load_tune_config(path)
+    tc = trial_config(cfg, {"head_type": "clip", "hidden_dim": 16, "learning_rate": 1e-3}, trial_number=4)
+    assert isinstance(tc, TrainConfig)
+    assert (tc.model.type, tc.model.hidden_dim, tc.model.output_dim) == ("clip", 16, 8)
+    assert tc.training.num_epochs == cfg.max_epochs and tc.training.patience == cfg.max_patience
+    assert tc.seed != trial_config(cfg, {"head_type": "clip"}, trial_number=5).seed
+
+
+@pytest.mark.parametrize("patch,expected", [
+    ({"search_space": {"head_typ": {"type": "categorical", "choices": ["clip"]}}}, ["search_space.head_typ", "head_type"]),
+    ({"search_space": {"learning_rate": {"type": "float", "low": 1.0, "high": 0.1}}}, ["low (1.0) > high (0.1)"]),
+    ({"search_space": {"dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}}, ["log scale needs low > 0"]),
+    ({"fixed": {"batch_szie": 4}}, ["fixed.batch_szie", "batch_size"]),
+    ({"fixed": {"dropout": -1.0}}, ["dropout must be in [0, 1)"]),
+    ({"pruner": {"type": "AshaPruner"}}, ["unknown pruner 'AshaPruner'"]),
+    ({"n_jobs": 0}, ["n_jobs must be >= 1"]),
+])
+def test_bad_tune_values(tmp_path, patch, expected):
+    raw = yaml.safe_load(TUNE)
+    raw.update(patch)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(path)
+    for part in expected:
+        assert part in str(e.value), str(e.value)
+
+
+def test_tune_config_dump_round_trip(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(TUNE)
+    cfg = load_tune_config(path)
+    dump_yaml(cfg, tmp_path / "again.yaml")
+    again = load_tune_config(tmp_path / "again.yaml")
+    assert again == cfg
+    assert dataclasses.replace(again, n_trials=9).n_trials == 9
+    assert isinstance(again, TuneConfig)
+
+
+# Every section and key of the original's nine training configs (and of the best_config.yaml it wrote).
+def test_original_clip_tuning_config_searches_learnable_scale(tmp_path):
+    path = tmp_path / "t.yaml"
+    raw = yaml.safe_load(TUNE)
+    raw["search_space"]["learnable_scale"] = {"type": "categorical", "choices": [True, False]}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_tune_config(path)
+    assert "learnable_temp" in cfg.search_space and "learnable_scale" not in cfg.search_space
+    assert trial_config(cfg, {"learnable_temp": True, "head_type": "clip"}).loss.learnable_temp is True
+    raw["search_space"]["learnable_temp"] = raw["search_space"]["learnable_scale"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="given twice"):
+        load_tune_config(path)
+
+
+@pytest.mark.parametrize("section", ["training", "tuning"])
+def test_a_config_without_data_is_refused_not_synthetic(tmp_path, section):
+    path = tmp_path / "c.yaml"
+    raw = yaml.safe_load(TUNE) if section == "tuning" else yaml.safe_load(ORIGINAL_FULL)
+    del raw["data"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        (load_tune_config if section == "tuning" else load_train_config)(path)
+    msg = str(e.value)
+    assert "no `data:` section" in msg and "synthetic: {}" in msg and "\n" not in msg

@@ -1,0 +1,70 @@
+"""What the tuning driver and its trial processes share, below both: the folders a study owns, the
+header of a trial's ``cfg.yaml``, the host's name, and how the storage URL reaches a trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from xclip_jax.errors import UserError
+
+TRIAL_HEADER = "# trial {number} of study {study}\n"  # the first line of each trial's cfg.yaml
+MARKER = ".study_name"  # in checkpoint_dir and output_dir: the study that owns the folder
+STORAGE_ENV = "XCLIP_STORAGE_URL"  # the storage URL (password included) reaches trials this way, never in a file
+
+
+def host_name() -> str:
+    """This machine's name in trial attributes (``XCLIP_HOSTNAME`` overrides, e.g. in containers)."""
+    return os.environ.get("XCLIP_HOSTNAME") or socket.gethostname()
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before any trial when an output folder can't be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{directory}: not writable ({e.strerror}); choose another output_dir/checkpoint_dir "
+                        "or fix its permissions") from None
+
+
+def _owner(directory: Path, kind: str) -> str | None:
+    """The study that a checkpoint_dir / output_dir belongs to, or None for a fresh folder."""
+    marker = directory / MARKER
+    if marker.exists():
+        return marker.read_text().strip()
+    if kind == "checkpoint_dir":  # a folder from before the marker: a trial's cfg.yaml names its study
+        first = min(directory.glob("[0-9]*/cfg.yaml"), default=None)
+        header = first.read_text().split("\n", 1)[0] if first else ""
+        return header.split(" of study ", 1)[1].strip() if " of study " in header else None
+    try:  # an output_dir from before the marker: its best_results.json names the study
+        return json.loads((directory / "best_results.json").read_text())["study_name"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_owners(folders: dict, study_name: str) -> None:
+    """Refuse ``{kind: folder}`` (checkpoint_dir, output_dir) that hold another study's files: trial
+    numbers restart at 0 in every study and outputs have fixed names, so a second study would
+    overwrite them. Reads only."""
+    taken = {kind: (folder, owner) for kind, folder in folders.items()
+             if (owner := _owner(Path(folder), kind)) not in (None, study_name)}
+    if not taken:
+        return
+    what = {"checkpoint_dir": "the trial checkpoints", "output_dir": "the outputs"}
+    said = "; ".join(f"{kind} {folder} holds {what[kind]} of study '{owner}'" for kind, (folder, owner) in taken.items())
+    flags = " and ".join(f"--{kind.replace('_', '-')}" for kind in taken)
+    raise UserError(f"{said}: study '{study_name}' would overwrite them; give it its own {' and '.join(taken)} "
+                    f"({flags})")
+
+
+def claim(folders: dict, study_name: str) -> None:
+    """Mark each folder as this study's (after ``check_owners`` passed)."""
+    for folder in folders.values():
+        marker = Path(folder) / MARKER
+        if not marker.exists():
+            marker.write_text(study_name + "\n")

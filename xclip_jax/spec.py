@@ -1,0 +1,153 @@
+"""What fixes a head, a loss and a training run: the core's specs and their allowed values.
+
+Plain frozen dataclasses that import nothing (no jax), so that the config (which builds them
+directly from its YAML sections) and the tuning driver (which never imports jax) can use them.
+Each spec validates its own values; the config turns a ValueError into a one-line error naming
+the key.
+
+Some fields travel as *data* in the train state (dropout, temperature, learning rate, weight
+decay) or steer only the fit loop (epochs, patience): :func:`static` sets them to fixed values, and
+the step keys its compiled programs on that static form, so trials that differ only in them share
+every program. (JAX also keeps a program's output tree structure, static fields included, from its
+first trace: a spec carried in the state must therefore hold no per-trial values at all.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+HEAD_TYPES = ("siglip", "clip", "mlp", "attention")
+LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
+DTYPES = ("float32", "bfloat16")
+SIGMOID_NORMALIZE = ("pairs", "batch")
+
+
+# The fields that are data (in the train state) or fit-loop counters, not part of a compiled program.
+DATA_FIELDS = {"HeadSpec": ("dropout",), "LossSpec": ("temperature",),
+               "TrainingSpec": ("learning_rate", "weight_decay", "num_epochs", "patience")}
+
+
+def static(spec):
+    """``spec`` with its data fields at their defaults: what a compiled program may depend on."""
+    fields = DATA_FIELDS[type(spec).__name__]
+    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.name in fields}
+    return dataclasses.replace(spec, **defaults)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """A head's architecture (the ``model:`` section).
+
+    Attributes:
+      type: one of ``HEAD_TYPES``.
+      output_dim: size of the shared embedding space.
+      hidden_dim: hidden width for clip/mlp; ``None`` means ``in_dim // 2``. Unused by siglip and
+        attention (as in the original).
+      dropout: the dropout rate (data: carried in the train state).
+      num_heads: attention heads (attention head only; must divide both input dims).
+      num_layers: attention blocks (attention head only).
+    """
+
+    type: str = "siglip"
+    output_dim: int = 512
+    hidden_dim: int | None = None
+    dropout: float = 0.1
+    num_heads: int = 8
+    num_layers: int = 1
+
+    def __post_init__(self):
+        _check(self.type in HEAD_TYPES, f"unknown head type {self.type!r}; allowed: {', '.join(HEAD_TYPES)}")
+        _check(self.output_dim > 0, "output_dim must be > 0")
+        _check(self.hidden_dim is None or self.hidden_dim > 0, "hidden_dim must be > 0 (or null)")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.num_heads > 0, "num_heads must be > 0")
+        _check(self.num_layers > 0, "num_layers must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The contrastive loss (the ``loss:`` section).
+
+    Attributes:
+      type: one of ``LOSS_TYPES``.
+      temperature: τ at the start (data: the loss params hold ``log(1/τ)``).
+      learnable_temp: learn τ (the original's ``learnable_scale``).
+      learnable_bias: sigmoid only: learn the SigLIP bias (init −10); false is the original's b = 0.
+      sigmoid_normalize: sigmoid only: ``pairs`` averages over B×B (the original), ``batch`` divides by B.
+      queue_size: queue only: slots of the ring buffer of past texts.
+      mask_batch_duplicates: queue only: mask other captions of the same image in the batch.
+    """
+
+    type: str = "softmax_infonce"
+    temperature: float = 0.07
+    learnable_temp: bool = False
+    learnable_bias: bool = True
+    sigmoid_normalize: str = "pairs"
+    queue_size: int = 4096
+    mask_batch_duplicates: bool = True
+
+    def __post_init__(self):
+        _check(self.type in LOSS_TYPES, f"unknown loss type {self.type!r}; allowed: {', '.join(LOSS_TYPES)}")
+        _check(0 < self.temperature, f"temperature must be > 0, got {self.temperature}")
+        _check(self.sigmoid_normalize in SIGMOID_NORMALIZE, "sigmoid_normalize must be 'pairs' or 'batch'")
+        _check(self.queue_size >= 1, "queue_size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """Optimisation and the fit loop (the ``training:`` section).
+
+    Attributes:
+      batch_size: rows per step (the last partial batch of an epoch is dropped).
+      learning_rate, weight_decay: AdamW's (data: carried in the optimizer state).
+      num_epochs, patience: the fit loop's length and early stopping on validation R@1.
+      max_grad_norm: global-norm clipping before AdamW.
+      dtype: the heads' matmul dtype (``bfloat16`` for GPUs; params, losses and metrics stay float32).
+    """
+
+    batch_size: int = 2048
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    num_epochs: int = 50
+    patience: int = 5
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check(self.batch_size >= 2, "batch_size must be >= 2")
+        _check(self.learning_rate > 0, "learning_rate must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.num_epochs >= 1, "num_epochs must be >= 1")
+        _check(self.patience >= 1, "patience must be >= 1")
+        _check(self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
+
+
+def fit_problems(head: HeadSpec, loss: LossSpec, training: TrainingSpec, *, image_dim: int, text_dim: int,
+                 rows: int) -> tuple[list[str], list[str]]:
+    """What stops (errors) or weakens (warnings) a run of these specs on data of these sizes.
+
+    The one place these rules live: the training CLI checks its config with it, and the tuning
+    driver checks every combination of the search space with it before anything is stored.
+
+    Returns:
+      ``(errors, warnings)``, each a list of one-line messages naming the keys and the fix.
+    """
+    errors, warnings = [], []
+    if training.batch_size > rows:
+        errors.append(f"training.batch_size={training.batch_size} is larger than the training set ({rows} rows); "
+                      "lower batch_size")
+    if head.type == "attention":
+        bad = [d for d in (image_dim, text_dim) if d % head.num_heads]
+        if bad:
+            errors.append(f"model.num_heads={head.num_heads} does not divide the input dims (image {image_dim}, "
+                          f"text {text_dim}); choose num_heads that divides both")
+    if loss.type == "queue_infonce" and loss.queue_size < training.batch_size:
+        warnings.append(f"loss.queue_size {loss.queue_size} is smaller than training.batch_size "
+                        f"{training.batch_size}: the queue holds less than one batch of negatives; raise queue_size")
+    return errors, warnings

@@ -1,0 +1,309 @@
+"""The training step and what it runs on: the spec, the train state, the optimizer, the jitted
+``train_step``, the one-program epoch, and the heads' evaluation-time projection.
+
+Imports only the core (``spec``, ``heads``, ``losses``, ``metrics``); the fit loop (``train``) and
+``checkpoint`` build on it.
+
+The last partial batch of an epoch is dropped (static shapes keep the epoch one compiled
+program); the data are reshuffled every epoch, so every row is still seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from xclip_jax import losses
+from xclip_jax.heads import init_head_params, make_heads
+from xclip_jax.metrics import retrieval_metrics_indexed
+from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, static
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """A run's three config sections and the input dims. Built in one line from a config:
+    ``TrainSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)``.
+
+    The train state carries ``spec.static()``, the form whose data fields (dropout, temperature,
+    learning rate, weight decay, epochs, patience) are fixed: compiled programs are keyed on it, so
+    trials differing only in those share every program; their values travel in the state.
+    """
+
+    head: HeadSpec
+    loss: LossSpec
+    training: TrainingSpec
+    image_dim: int
+    text_dim: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.training.batch_size
+
+    def static(self) -> TrainSpec:
+        return dataclasses.replace(self, head=static(self.head), loss=static(self.loss), training=static(self.training))
+
+
+class DeviceData(NamedTuple):
+    """An embedding set resident on the device, each image once.
+
+    image_NxDi: unique image embeddings. text_RxDt: one row per caption. row_image_R: image index
+    of each row (also the row's id for the losses: equal index = same image).
+    """
+
+    image_NxDi: jax.Array
+    text_RxDt: jax.Array
+    row_image_R: jax.Array
+
+    @property
+    def rows(self) -> int:
+        return self.text_RxDt.shape[0]
+
+
+def to_device(embedding_set) -> DeviceData:
+    """Put an ``xclip_jax.data.EmbeddingSet`` on the default device."""
+    return DeviceData(
+        jnp.asarray(embedding_set.image, jnp.float32),
+        jnp.asarray(embedding_set.text, jnp.float32),
+        jnp.asarray(embedding_set.row_image, jnp.int32),
+    )
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (jitted, donated, checkpointed)."""
+
+    step: jax.Array
+    params: dict  # {"image", "text", "loss": {"log_scale", "bias"}}
+    dropout: jax.Array  # the rate, as data: trials differing only in it share one compiled program
+    opt_state: Any
+    queue: losses.QueueState | None
+    rng: jax.Array
+    spec: TrainSpec = struct.field(pytree_node=False)
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def _loss_labels(loss: LossSpec):
+    frozen = set()
+    if not loss.learnable_temp:
+        frozen.add("log_scale")
+    if not (loss.type == "sigmoid_infonce" and loss.learnable_bias):
+        frozen.add("bias")
+
+    def label(params):
+        return {
+            "image": jax.tree.map(lambda _: "heads", params["image"]),
+            "text": jax.tree.map(lambda _: "heads", params["text"]),
+            "loss": {k: ("frozen" if k in frozen else "loss") for k in params["loss"]},
+        }
+
+    return label
+
+
+def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: float = 0.0):
+    """Global-norm clipping, then AdamW on the heads and Adam (no decay) on learnable loss params.
+
+    ``learning_rate`` and ``weight_decay`` live in the optimizer state (optax.inject_hyperparams),
+    so trials that differ only in them share one compiled program.
+    """
+
+    def inner(learning_rate, weight_decay):
+        return optax.multi_transform(
+            {
+                "heads": optax.adamw(learning_rate, weight_decay=weight_decay),
+                "loss": optax.adam(learning_rate),
+                "frozen": optax.set_to_zero(),
+            },
+            _loss_labels(spec.loss),
+        )
+
+    return optax.chain(
+        optax.clip_by_global_norm(spec.training.max_grad_norm),
+        optax.inject_hyperparams(inner)(learning_rate=learning_rate, weight_decay=weight_decay),
+    )
+
+
+def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
+    """A fresh train state: initialised heads, loss params, optimizer state, empty queue.
+
+    The data fields of the spec (dropout, temperature, learning rate, weight decay) are read here,
+    once, and travel in the state, which carries ``spec.static()``.
+
+    Example:
+      >>> spec = TrainSpec(HeadSpec("clip", 64, 128), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
+      >>> state = create_train_state(spec, seed=0)
+    """
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return _fresh_state(spec.static(), jnp.asarray(seed, jnp.uint32), f32(spec.training.learning_rate),
+                        f32(spec.training.weight_decay), f32(spec.loss.temperature), f32(spec.head.dropout))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fresh_state(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
+    # One compiled program instead of dozens of eager ones; the hyperparameters and the seed are
+    # arguments, so trials that differ only in them share it (and its persistent-cache entry).
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_head_params(spec.head, spec.image_dim, spec.text_dim, k_init)
+    sigmoid_bias = spec.loss.type == "sigmoid_infonce" and spec.loss.learnable_bias
+    params["loss"] = {"log_scale": -jnp.log(temperature),
+                      "bias": jnp.asarray(losses.SIGLIP_BIAS_INIT if sigmoid_bias else 0.0, jnp.float32)}
+    tx = make_optimizer(spec, learning_rate, weight_decay)
+    queue = (losses.init_queue(spec.loss.queue_size, spec.head.output_dim)
+             if spec.loss.type == "queue_infonce" else None)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=dropout, opt_state=tx.init(params),
+                      queue=queue, rng=k_run, spec=spec)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def compute_loss(loss: LossSpec, loss_params: dict, zi, zt, ids, queue):
+    """The configured loss; returns ``(loss, new_queue)`` (``new_queue`` is None without a queue)."""
+    temperature = losses.temperature_from_log_scale(loss_params["log_scale"])
+    if loss.type == "sigmoid_infonce":
+        return losses.sigmoid_infonce(zi, zt, ids, temperature=temperature, bias=loss_params["bias"],
+                                      normalize=loss.sigmoid_normalize), queue
+    if loss.type == "softmax_infonce":
+        return losses.softmax_infonce(zi, zt, ids, temperature=temperature), queue
+    return losses.queue_infonce(zi, zt, ids, queue, temperature=temperature,
+                                mask_batch_duplicates=loss.mask_batch_duplicates)
+
+
+def _heads(spec: TrainSpec):
+    return make_heads(spec.head, spec.image_dim, spec.text_dim, spec.training.dtype)
+
+
+def _forward(spec: TrainSpec, params, batch, rng, dropout_rate):
+    image_head, text_head = _heads(spec)
+    k_img, k_txt = jax.random.split(rng)
+    zi = image_head.apply({"params": params["image"]}, batch["image"], train=True, dropout_rate=dropout_rate,
+                          rngs={"dropout": k_img})
+    zt = text_head.apply({"params": params["text"]}, batch["text"], train=True, dropout_rate=dropout_rate,
+                         rngs={"dropout": k_txt})
+    return zi, zt
+
+
+def _train_step(state: TrainState, batch: dict):
+    spec = state.spec
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        zi, zt = _forward(spec, params, batch, rng, state.dropout)
+        return compute_loss(spec.loss, params["loss"], zi, zt, batch["ids"], state.queue)
+
+    (loss, queue), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    tx = make_optimizer(spec)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "temperature": losses.temperature_from_log_scale(params["loss"]["log_scale"]),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue), metrics
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
+train_step.__doc__ = """One optimisation step: ``train_step(state, batch) -> (state, metrics)``.
+
+``batch`` is ``{"image": [B, Di], "text": [B, Dt], "ids": [B] int}``; the state is donated.
+"""
+
+
+def _gather(data: DeviceData, idx_B):
+    image_idx = data.row_image_R[idx_B]
+    return {"image": data.image_NxDi[image_idx], "text": data.text_RxDt[idx_B], "ids": image_idx}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def run_epoch(state: TrainState, data: DeviceData):
+    """One epoch as one compiled program: on-device shuffle, then a scan of ``train_step`` over the
+    spec's batch size.
+
+    Returns the new state and the epoch's metrics (mean loss and grad norm, final temperature,
+    whether any step's loss was not finite), still on the device.
+    """
+    batch_size = state.spec.batch_size
+    steps = data.rows // batch_size
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
+    perm_SxB = jax.random.permutation(key, data.rows)[: steps * batch_size].reshape(steps, batch_size)
+
+    def body(st, idx_B):
+        return _train_step(st, _gather(data, idx_B))
+
+    state, per_step = jax.lax.scan(body, state, perm_SxB)
+    metrics = {
+        "loss": jnp.mean(per_step["loss"]),
+        "grad_norm": jnp.mean(per_step["grad_norm"]),
+        "temperature": per_step["temperature"][-1],
+        "finite": jnp.all(jnp.isfinite(per_step["loss"])),
+    }
+    return state, metrics
+
+
+@jax.jit
+def eval_loss(state: TrainState, data: DeviceData):
+    """Mean loss over the set's full batches, in order, without dropout; never touches the queue."""
+    spec = state.spec
+    steps = max(data.rows // spec.batch_size, 1)
+    batch_size = min(spec.batch_size, data.rows)
+    idx_SxB = jnp.arange(steps * batch_size).reshape(steps, batch_size)
+    image_head, text_head = _heads(spec)
+
+    def body(_, idx_B):
+        batch = _gather(data, idx_B)
+        zi = image_head.apply({"params": state.params["image"]}, batch["image"])
+        zt = text_head.apply({"params": state.params["text"]}, batch["text"])
+        loss, _ = compute_loss(spec.loss, state.params["loss"], zi, zt, batch["ids"], state.queue)
+        return None, loss
+
+    _, per_step = jax.lax.scan(body, None, idx_SxB)
+    return jnp.mean(per_step)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "side"))
+def _encode_chunk(spec: TrainSpec, side: str, params, x):
+    image_head, text_head = _heads(spec)
+    head = image_head if side == "image" else text_head
+    return head.apply({"params": params}, x, train=False)
+
+
+def encode(spec: TrainSpec, side: str, params, x, chunk_size: int = 8192) -> jax.Array:
+    """Project ``x`` with the ``side`` ("image"/"text") head, in fixed-size chunks (one compile)."""
+    n = x.shape[0]
+    chunk = min(chunk_size, n)
+    outs = []
+    for start in range(0, n, chunk):
+        part = x[start:start + chunk]
+        pad = chunk - part.shape[0]
+        if pad:
+            part = jnp.pad(part, ((0, pad), (0, 0)))
+        out = _encode_chunk(spec, side, params, part)
+        outs.append(out[: chunk - pad] if pad else out)
+    return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+
+
+def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
+    """The heads' outputs for a device-resident set: (unique images [N, D], captions [T, D])."""
+    return (encode(spec, "image", params["image"], data.image_NxDi),
+            encode(spec, "text", params["text"], data.text_RxDt))
+
+
+def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
+    """Full retrieval metrics of the heads on a device-resident set (images de-duplicated)."""
+    zi, zt = project(params, spec, data)
+    return retrieval_metrics_indexed(zi, zt, data.row_image_R, ks=ks)

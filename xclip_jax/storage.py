@@ -1,0 +1,84 @@
+"""Opening an Optuna storage: one way for every command (driver, trial processes, report), with one-line
+errors that never show a password, ``${NAME}`` expanded from the environment, and settings that let
+many processes share one SQLite file or one PostgreSQL server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+
+from xclip_jax.errors import UserError, exception_line, mask_secrets
+
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_url(url: str) -> str:
+    """A storage URL with each ``${NAME}`` replaced by that environment variable, so that a config
+    can say ``postgresql+psycopg://alice:${PGPASSWORD}@host/db`` and hold no secret itself (libpq's own
+    PGPASSWORD and ~/.pgpass work too, with no password in the URL)."""
+
+    def value(match):
+        if match.group(1) not in os.environ:
+            raise UserError(f"storage {mask_secrets(url)}: environment variable {match.group(1)} is not set; "
+                            "export it or write the URL without it")
+        return os.environ[match.group(1)]
+
+    return _ENV_REF.sub(value, url)
+
+
+def make_storage(url: str, *, heartbeat: tuple[float, float] | None = None, must_exist: bool = False):
+    """An Optuna storage for ``url`` (``${NAME}`` expanded); bad, unreachable or driverless URLs raise a
+    one-line UserError that never shows the password.
+
+    SQLite gets a long busy timeout so that many trial processes can report at once; PostgreSQL
+    (and other servers) a pre-pinged, small connection pool. With ``heartbeat`` = (interval, grace
+    period) in seconds the driver's storage records heartbeats, so that drivers can tell the trials
+    of a dead driver (stale ones).
+    With ``must_exist`` a SQLite file that is not there is an error (SQLAlchemy would silently
+    create an empty database at a mistyped path).
+    """
+    from optuna.storages import RDBStorage
+
+    shown = mask_secrets(url)
+    if "://" not in url:
+        hint = f"; for a SQLite file use sqlite:///{url}" if Path(url).exists() else ""
+        raise UserError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db or "
+                        f"postgresql+psycopg://user@host/db){hint}")
+    full = expand_url(url)
+    if full.startswith("sqlite:///"):
+        db = Path(full[len("sqlite:///"):].split("?", 1)[0])
+        if must_exist and str(db) not in ("", ":memory:") and not db.is_file():
+            raise UserError(f"storage {shown!r}: SQLite file {str(db)!r} does not exist; pass the database the "
+                            "tuner wrote (its --storage)")
+        if db.parent and not db.parent.exists():
+            raise UserError(f"storage {shown}: folder {db.parent} does not exist; create it or change storage")
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
+    kwargs = {}
+    if heartbeat:
+        kwargs = dict(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
+    try:
+        with quiet_optuna():
+            return RDBStorage(full, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError:  # Optuna's own check, or SQLAlchemy's import of the driver
+        raise UserError(f"storage {shown}: its database driver is not installed; for PostgreSQL "
+                        "pip install '.[postgres]' (psycopg 3) and use postgresql+psycopg://…") from None
+    except Exception as e:  # sqlalchemy raises many kinds; all mean the same to the user
+        raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
+                        "that the server runs") from None
+
+
+@contextlib.contextmanager
+def quiet_optuna():
+    """Silence Optuna's experimental/deprecation notes about the heartbeat API we rely on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        yield

@@ -1,0 +1,145 @@
+"""The plots of a study: for each of :data:`PLOT_NAMES`, ``NAME.html`` (plotly, with
+``plotly.min.js`` beside it so the folder works offline) and ``NAME.png`` (optuna's matplotlib
+plots). A plot the study can't support yet, or whose drawing fails, is skipped with a reason."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+logger = logging.getLogger("xclip_jax.report")
+
+PLOT_NAMES = (
+    "optimization_history",
+    "param_importances",
+    "parallel_coordinate",
+    "intermediate_values",
+)
+
+
+def _complete_trials(study: optuna.Study):
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+
+
+def _why_no_plot(name: str, study: optuna.Study, imps: dict[str, float]) -> str | None:
+    """Reason plot `name` can't be made for `study`, or None when it can.
+
+    Optuna draws an empty figure (and logs a warning) for most of these cases; an
+    empty file is less useful than a clear note about what the study is missing.
+    """
+    complete = _complete_trials(study)
+    if len(study.directions) != 1:
+        return "multi-objective studies are not supported by this report's plots"
+    if name == "optimization_history":
+        if not complete:
+            return "no COMPLETE trial"
+    elif name == "param_importances":
+        if not imps:
+            return "parameter importances unavailable (see importances.json)"
+    elif name == "parallel_coordinate":
+        # One line across the axes says nothing about the search space, and
+        # matplotlib warns about the zero-height axis ranges it implies.
+        if len(complete) < 2:
+            return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
+        if not any(t.params for t in complete):
+            return "no trial suggested any parameter"
+    elif name == "intermediate_values":
+        if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+            return "no trial reported intermediate values (trial.report)"
+    return None
+
+
+class _Precomputed(optuna.importance.BaseImportanceEvaluator):
+    """Evaluator that hands back importances computed once by :func:`importances`."""
+
+    def __init__(self, imps: dict[str, float]):
+        self._imps = dict(imps)
+
+    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+        return {k: v for k, v in self._imps.items() if params is None or k in params}
+
+
+def _plot_kwargs(name: str, imps: dict[str, float]) -> dict:
+    # Left alone, each importance plot re-runs the evaluator: twice the cost, its
+    # warnings repeated, and numbers that could drift from importances.json.
+    return {"evaluator": _Precomputed(imps)} if name == "param_importances" else {}
+
+
+def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
+    import optuna.visualization as vis
+
+    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    # "directory" puts one plotly.min.js beside the pages: works offline (no CDN)
+    # without embedding ~4 MB of JavaScript in every page.
+    fig.write_html(str(path), include_plotlyjs="directory")
+
+
+def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
+    import optuna.visualization.matplotlib as vis_mpl
+    from matplotlib import pyplot as plt
+
+    with warnings.catch_warnings():
+        # Optuna marks every matplotlib plot experimental; the warning would be
+        # repeated for each PNG of every report and tells the reader nothing.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    fig = _figure_of(ax)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)  # figures otherwise accumulate in pyplot for the process' life
+
+
+def _figure_of(ax: Any):
+    if hasattr(ax, "figure"):
+        return ax.figure
+    # Some optuna plots return an array of Axes.
+    return next(iter(getattr(ax, "flat", ax))).figure
+
+
+def _ensure_headless_matplotlib() -> None:
+    # Optuna's matplotlib plots go through pyplot; pick the file-only Agg backend
+    # unless pyplot is already in use, in which case the caller (e.g. a notebook)
+    # chose a backend and the figures are only created and closed, never shown.
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")
+
+
+
+
+def write_plots(study: optuna.Study, imps: dict[str, float], plots_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """Draw every plot the study supports into ``plots_dir``; returns (files written, {skipped: reason})."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], {}
+    _ensure_headless_matplotlib()
+    for name in PLOT_NAMES:
+        reason = _why_no_plot(name, study, imps)
+        if reason is not None:
+            skipped[name] = reason
+            logger.warning("plot %s skipped: %s", name, reason)
+            continue
+        for ext, writer in {"html": _write_html, "png": _write_png}.items():
+            path = plots_dir / f"{name}.{ext}"
+            try:
+                writer(name, study, imps, path)
+            except Exception as e:  # one broken plot must not lose the others
+                skipped[f"{name}.{ext}"] = f"{type(e).__name__}: {e}"
+                logger.warning("plot %s.%s skipped: %s: %s", name, ext, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+                continue
+            written.append(path)
+    js = plots_dir / "plotly.min.js"
+    if js.exists() and any(p.suffix == ".html" for p in written):
+        written.append(js)
+    return written, skipped

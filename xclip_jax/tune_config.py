@@ -1,0 +1,231 @@
+"""The tuning config (the original's optuna YAML, typed): study settings, the search space and its
+conditions, the pruner and sampler; and each trial's complete training config.
+
+Searchable parameters are the fields of the training config's ``model``, ``loss`` and ``training``
+sections (the core's specs), derived from those fields, so no parameter is listed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from xclip_jax.config import (
+    NO_DATA,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    _check,
+    _nearest,
+    build,
+    read_yaml,
+)
+from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+
+# ----------------------------------------------------------------------------- the tuning config
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpace:
+    """One search-space entry: ``type`` with ``choices`` or ``low``/``high``/``log``/``step``.
+
+    ``when`` maps another parameter to the values for which this one is sampled.
+    """
+
+    type: str = "categorical"
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    when: dict | None = None
+
+    def __post_init__(self):
+        _check(self.type in ("categorical", "float", "int"), f"type must be categorical, float or int, got {self.type!r}")
+        if self.type == "categorical":
+            _check(bool(self.choices), "a categorical parameter needs a non-empty `choices` list")
+        else:
+            _check(self.low is not None and self.high is not None, f"a {self.type} parameter needs `low` and `high`")
+            _check(self.low <= self.high, f"low ({self.low}) > high ({self.high}); swap them")
+            _check(not self.log or self.low > 0, f"log scale needs low > 0, got {self.low}")
+        if self.when is not None:
+            _check(isinstance(self.when, dict) and all(isinstance(v, (list, tuple)) for v in self.when.values()),
+                   "`when` maps a parameter name to a list of values, e.g. {head_type: [clip, mlp]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunerConfig:
+    type: str = "SuccessiveHalvingPruner"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    min_early_stopping_rate: int = 0
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 1
+
+    def __post_init__(self):
+        allowed = ("SuccessiveHalvingPruner", "HyperbandPruner", "MedianPruner", "NopPruner")
+        _check(self.type in allowed, f"unknown pruner {self.type!r}; allowed: {', '.join(allowed)}")
+        _check(self.min_resource >= 1, "min_resource must be >= 1")
+        _check(self.reduction_factor >= 2, "reduction_factor must be >= 2")
+        _check(self.min_early_stopping_rate >= 0, "min_early_stopping_rate must be >= 0")
+
+    def first_rung(self) -> int:
+        """The step at which successive halving first compares trials."""
+        return self.min_resource * self.reduction_factor ** self.min_early_stopping_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    type: str = "tpe"
+    seed: int = 42
+    multivariate: bool = True
+    constant_liar: bool = True
+    n_startup_trials: int = 8
+
+    def __post_init__(self):
+        _check(self.type in ("tpe", "random"), f"sampler type must be tpe or random, got {self.type!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """A tuning study (the original's optuna YAML plus sampler, output_dir, fixed, devices)."""
+
+    study_name: str = "xclip_tuning"
+    n_trials: int = 100
+    n_jobs: int = 1
+    storage: str = "sqlite:///optuna_study.db"
+    timeout: float | None = None
+    base_data_dir: str = "data"
+    data: DataConfig | None = None
+    search_space: dict = dataclasses.field(default_factory=dict)
+    pruner: PrunerConfig = dataclasses.field(default_factory=PrunerConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    max_epochs: int = 8
+    max_patience: int = 2
+    output_dir: str = "optuna_results"
+    checkpoint_dir: str = "checkpoints"
+    fixed: dict = dataclasses.field(default_factory=dict)
+    devices: tuple[int, ...] | None = None
+    final_epochs: int = 50
+    final_patience: int = 5
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    trial_timeout: float | None = None
+    trial_memory_limit_gb: float | None = None
+
+    def __post_init__(self):
+        _check(self.data is not None, NO_DATA)
+        _check(self.n_trials >= 1, "n_trials must be >= 1")
+        _check(self.n_jobs >= 1, "n_jobs must be >= 1")
+        _check(self.max_epochs >= 1, "max_epochs must be >= 1")
+        _check(self.max_patience >= 1, "max_patience must be >= 1")
+        _check(self.timeout is None or self.timeout > 0, "timeout must be > 0 seconds or null")
+        _check(self.grace_period > self.heartbeat_interval, "grace_period must exceed heartbeat_interval")
+
+
+# The sections of a TrainConfig whose fields are searchable, and their specs (the core's).
+SECTION_TYPES = {"model": HeadSpec, "loss": LossSpec, "training": TrainingSpec}
+# Searchable names that differ from the field's: each section's `type`. The fit loop's counters
+# are set by the study (max_epochs, max_patience), not searched.
+_RENAMED = {("model", "type"): "head_type", ("loss", "type"): "loss_type"}
+_NOT_SEARCHED = {("training", "num_epochs"), ("training", "patience")}
+
+# Where each searchable (flat) parameter lands in a TrainConfig, derived from the specs' fields.
+PARAM_PATHS = {
+    _RENAMED.get((section, f.name), f.name): (section, f.name)
+    for section, spec in SECTION_TYPES.items() for f in dataclasses.fields(spec)
+    if (section, f.name) not in _NOT_SEARCHED
+}
+
+# The original's implicit conditions: a parameter is only sampled when these hold.
+DEFAULT_CONDITIONS = {
+    "hidden_dim": {"head_type": ["clip", "attention", "mlp"]},
+    "num_heads": {"head_type": ["attention"]},
+    "num_layers": {"head_type": ["attention"]},
+    "queue_size": {"loss_type": ["queue_infonce"]},
+    "learnable_temp": {"head_type": ["clip"]},
+}
+
+
+def condition(name: str, space: ParamSpace) -> dict | None:
+    """The condition under which ``name`` is sampled (its own ``when``, else the original's)."""
+    return space.when if space.when is not None else DEFAULT_CONDITIONS.get(name)
+
+
+PARAM_ALIASES = {"learnable_scale": "learnable_temp"}
+
+
+def _canonical(mapping: dict, where: str) -> dict:
+    out = {}
+    for name, value in mapping.items():
+        canonical = PARAM_ALIASES.get(name, name)
+        if canonical in out:
+            raise ConfigError(f"{where}.{name}: given twice (once under its alias)")
+        out[canonical] = value
+    return out
+
+
+def validate_tune(cfg: TuneConfig) -> TuneConfig:
+    """Checks that need more than one key: search-space names, conditions, fixed values."""
+    cfg = dataclasses.replace(cfg, search_space=_canonical(cfg.search_space, "search_space"),
+                              fixed=_canonical(cfg.fixed, "fixed"))
+    spaces = {}
+    for name, raw in cfg.search_space.items():
+        if name not in PARAM_PATHS:
+            raise ConfigError(f"search_space.{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
+        space = raw if isinstance(raw, ParamSpace) else build(ParamSpace, raw, f"search_space.{name}")
+        spaces[name] = space
+    for name, space in spaces.items():
+        cond = condition(name, space) or {}
+        for other in cond:
+            if other not in PARAM_PATHS:
+                raise ConfigError(f"search_space.{name}.when: unknown parameter {other!r}{_nearest(other, PARAM_PATHS)}")
+    for name in cfg.fixed:
+        if name not in PARAM_PATHS:
+            raise ConfigError(f"fixed.{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
+        if name in spaces:
+            raise ConfigError(f"fixed.{name}: also in search_space; keep it in one of the two")
+    # A fixed value or a choice that makes no valid TrainConfig fails now, not in a trial.
+    trial_config(cfg, {})
+    for name, space in spaces.items():
+        values = list(space.choices) if space.type == "categorical" else [space.low, space.high]
+        for value in values:
+            try:
+                trial_config(cfg, {name: int(value) if space.type == "int" else value})
+            except ConfigError as e:
+                raise ConfigError(f"search_space.{name}: {value!r} is not a valid value "
+                                  f"({str(e).rsplit(': ', 1)[-1]}); remove it") from None
+    return dataclasses.replace(cfg, search_space=spaces)
+
+
+def load_tune_config(path: str | Path) -> TuneConfig:
+    """Load and validate a tuning config YAML."""
+    try:
+        return validate_tune(build(TuneConfig, read_yaml(path)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def trial_config(cfg: TuneConfig, params: dict, trial_number: int | None = None,
+                 experiment_name: str | None = None) -> TrainConfig:
+    """The complete TrainConfig of one trial: defaults ← ``fixed`` ← sampled ``params``."""
+    sections: dict[str, dict] = {"model": {}, "training": {}, "loss": {}}
+    for name, value in {**cfg.fixed, **params}.items():
+        section, key = PARAM_PATHS[name]
+        sections[section][key] = value
+    sections["training"]["num_epochs"] = cfg.max_epochs
+    sections["training"]["patience"] = cfg.max_patience
+    seed = cfg.sampler.seed * 100_003 + (trial_number or 0)
+    name = experiment_name or (f"{cfg.study_name}_trial{trial_number:05d}" if trial_number is not None else cfg.study_name)
+    raw = {
+        "experiment_name": name,
+        "output_dir": str(Path(cfg.output_dir) / "train"),
+        "seed": seed,
+        "base_data_dir": cfg.base_data_dir,
+        "data": dataclasses.asdict(cfg.data),
+        **sections,
+    }
+    try:
+        return build(TrainConfig, raw)
+    except ConfigError as e:
+        raise ConfigError(f"fixed/search values give an invalid training config: {e}") from None
