@@ -20,7 +20,10 @@ Measures, in order:
 4. Trial start-up: a fresh process that imports ``xclip_jax.step``, builds the quickstart data and
    state (image 256, text 384, clip head 256->128, batch 512, 15,000 rows) and runs its first
    epoch, with an empty persistent compilation cache (cold) and again with the same cache (warm).
-5. The quickstart tuning study's wall time (``python -m xclip_jax.tune configs/quickstart.yaml``).
+5. A tuning study (``--study-config``, default the quickstart) four times in the one run: with one
+   process per trial and with warm runners, each from an empty persistent compilation cache and then
+   on that warm cache; each study's wall time, useful fraction (training seconds / (n_jobs x wall))
+   and where the rest went, and the speed-up of runners over per-trial processes.
 
 Writes ``benchmarks/latest.json`` (a header record describing the machine, then one record per
 figure: name, params, value, unit) and prints a markdown table.
@@ -63,16 +66,6 @@ COMBOS = (
     ("attention", "softmax_infonce"),
     ("mlp", "queue_infonce"),
 )
-
-# The original PyTorch implementation, seconds per epoch on this 2-core CPU (batch 2048, 100,000
-# rows, 768/1024 dims, output 512, hidden 1024), as measured by the project lead.
-ORIGINAL_EPOCH_SECONDS = {
-    "siglip+sigmoid_infonce": 9.5,
-    "clip+softmax_infonce": 18.4,
-    "mlp+softmax_infonce": 22.5,
-    "attention+softmax_infonce": 37.5,
-    "mlp+queue_infonce": 28.7,
-}
 
 TARGET_FRACTION = 0.75
 TARGET_WARM_FIRST_STEP_S = 3.0
@@ -462,59 +455,67 @@ def bench_trial_startup() -> dict:
 # ----------------------------------------------------------------------------- 5. the quickstart study
 
 
-def bench_study(timeout: float) -> dict | None:
+STUDY_MODES = {"per-trial processes": 1, "warm runners": None}  # runner_max_trials (None: the config's)
+
+
+def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_trials, timeout: float) -> dict | None:
+    """One tuning study in a fresh storage and output folder; its wall time and where the time went."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    if runner_max_trials is not None:
+        raw["runner_max_trials"] = runner_max_trials
+    run_dir = tmp / label.replace(" ", "_")
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ)
+    env["XCLIP_JAX_CACHE"] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", "--output-dir", str(run_dir / "out"),
+           "--checkpoint-dir", str(run_dir / "ckpt"), "--storage", f"sqlite:///{run_dir}/s.db"]
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        record(f"study/{label}", None, "s", error=f"timed out after {timeout} s")
+        return None
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        record(f"study/{label}", None, "s", error=out.stderr[-1500:])
+        log(f"study {label} failed: {out.stderr[-500:]}")
+        return None
+    summary = json.loads((run_dir / "out" / "study_summary.json").read_text())
+    best = json.loads((run_dir / "out" / "best_results.json").read_text())
+    result = {"wall": wall, "counts": best.get("counts", {}), "best_value": best.get("best_value"),
+              "throughput": summary.get("throughput") or {}}
+    record(f"study/{label}", round(wall, 2), "s", config=str(config.relative_to(REPO) if config.is_relative_to(REPO)
+                                                              else config),
+           runner_max_trials=raw.get("runner_max_trials"), counts=result["counts"], best_value=result["best_value"],
+           throughput=result["throughput"], cpu_count=os.cpu_count())
+    t = result["throughput"]
+    log(f"study {label}: {wall:.1f} s, useful fraction {t.get('useful_fraction')}, best {result['best_value']}")
+    return result
+
+
+def bench_study(timeout: float, config: Path) -> dict:
+    """The study in each mode (one process per trial; warm runners), each from an empty persistent
+    compilation cache of its own and then again on that (now warm) cache: four studies in one run,
+    and the ratios of their wall times."""
+    results = {}
     with tempfile.TemporaryDirectory(prefix="xclip_bench_study_") as tmp:
-        env = dict(os.environ)
-        env["XCLIP_JAX_CACHE"] = str(Path(tmp) / "jax_cache")  # a cold persistent cache, like a first run
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "xclip_jax.tune", str(REPO / "configs" / "quickstart.yaml"), "--no-progress",
-               "--output-dir", str(Path(tmp) / "out"), "--storage", f"sqlite:///{tmp}/s.db"]
-        t0 = time.perf_counter()
-        try:
-            out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            record("quickstart_study_seconds", None, "s", error=f"timed out after {timeout} s")
-            log(f"quickstart study timed out after {timeout} s")
-            return None
-        wall = time.perf_counter() - t0
-        if out.returncode != 0:
-            record("quickstart_study_seconds", None, "s", error=out.stderr[-1500:])
-            log(f"quickstart study failed: {out.stderr[-500:]}")
-            return None
-        summary_line = next((ln for ln in out.stdout.splitlines() if ln.startswith("study ")), "")
-        best = {}
-        best_path = Path(tmp) / "out" / "best_results.json"
-        if best_path.exists():
-            best = json.loads(best_path.read_text())
-        startup, compile_s = [], []
-        summary_path = Path(tmp) / "out" / "study_summary.json"
-        n_trials = None
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            n_trials = len(summary.get("trials", []))
-            for t in summary.get("trials", []):
-                ua = t.get("user_attrs", {})
-                if ua.get("startup_seconds") is not None:
-                    startup.append(ua["startup_seconds"])
-                if ua.get("compile_seconds") is not None:
-                    compile_s.append(ua["compile_seconds"])
-        counts = best.get("counts", {})
-        params = {"config": "configs/quickstart.yaml", "n_trials": n_trials, "counts": counts,
-                  "best_value": best.get("best_value"), "best_trial": best.get("best_trial"),
-                  "printed": summary_line, "jax_cache": "fresh (empty) for this study",
-                  "cpu_count": os.cpu_count()}
-        record("quickstart_study_seconds", round(wall, 2), "s", **params)
-        if startup:
-            record("quickstart_trial_startup_seconds_median", round(statistics.median(startup), 3), "s",
-                   min=min(startup), max=max(startup), n=len(startup),
-                   note="trial user attr startup_seconds: spawn -> data on the device")
-        if compile_s:
-            record("quickstart_trial_compile_seconds_median", round(statistics.median(compile_s), 3), "s",
-                   min=min(compile_s), max=max(compile_s), n=len(compile_s),
-                   note="trial user attr compile_seconds: AOT compile of run_epoch (cache hits after the first)")
-        log(f"quickstart study: {wall:.1f} s; {summary_line}")
-        return {"wall": wall, "counts": counts, "best_value": best.get("best_value"), "printed": summary_line,
-                "startup": startup, "compile": compile_s}
+        tmp = Path(tmp)
+        for cache_state in ("cold", "warm"):
+            for mode, max_trials in STUDY_MODES.items():
+                label = f"{mode}, {cache_state} cache"
+                results[label] = _run_study(config, tmp / cache_state, label, tmp / f"cache_{mode.split()[0]}",
+                                            max_trials, timeout)
+    for cache_state in ("cold", "warm"):
+        per, warm = (results.get(f"{mode}, {cache_state} cache") for mode in STUDY_MODES)
+        if per and warm:
+            record(f"study_speedup/{cache_state} cache", round(per["wall"] / warm["wall"], 2), "x",
+                   note="wall of one process per trial / wall of warm runners, same config, this run")
+    return results
 
 
 # ----------------------------------------------------------------------------- report
@@ -550,19 +551,20 @@ def markdown(header: dict, train: list[dict], peak: dict, metrics_s, startup, st
                          f"{r['interpreter']:.2f}, import {r['import']:.2f}, data {r['data']:.2f}, "
                          f"state {r['state']:.2f}, compile {r['compile']:.2f}, epoch {r['first_epoch']:.2f}; "
                          f"process wall {r['process_wall']:.2f} |")
-    if study:
-        c = study["counts"]
-        lines.append(f"| quickstart study (20 trials, n_jobs 2, cold cache) | {study['wall']:.1f} s "
-                     f"({c.get('complete')} complete, {c.get('pruned')} pruned, {c.get('fail')} failed; "
-                     f"best {fmt(study['best_value'], '.4f')}) |")
-        if study["startup"]:
-            lines.append(f"| quickstart trial startup_seconds (median, min–max) | "
-                         f"{statistics.median(study['startup']):.2f} s ({min(study['startup']):.2f}–"
-                         f"{max(study['startup']):.2f}) |")
-        if study["compile"]:
-            lines.append(f"| quickstart trial compile_seconds (median, min–max) | "
-                         f"{statistics.median(study['compile']):.2f} s ({min(study['compile']):.2f}–"
-                         f"{max(study['compile']):.2f}) |")
+    for label, r in (study or {}).items():
+        if not r:
+            lines.append(f"| study, {label} | failed (see the JSON records) |")
+            continue
+        c, t = r["counts"], r["throughput"]
+        lines.append(f"| study ({args.study_config}), {label} | {r['wall']:.1f} s ({c.get('complete')} complete, "
+                     f"{c.get('pruned')} pruned, {c.get('fail')} failed; best {fmt(r['best_value'], '.4f')}); useful "
+                     f"fraction {fmt(t.get('useful_fraction'))}: training {fmt(t.get('train_seconds'), '.0f')} s, "
+                     f"start-up {fmt(t.get('startup_seconds'), '.0f')} s, compile {fmt(t.get('compile_seconds'), '.0f')} "
+                     f"s, evaluation {fmt(t.get('eval_seconds'), '.0f')} s; {t.get('programs_compiled')} programs, "
+                     f"{t.get('compile_cache_hits')} from the persistent cache |")
+    for rec in (r for r in RECORDS if r["name"].startswith("study_speedup/")):
+        lines.append(f"| study speed-up of warm runners over one process per trial, "
+                     f"{rec['name'].split('/', 1)[1]} | {rec['value']:.2f}× |")
     lines.append("")
     if train:
         peak_name = "bfloat16" if args.dtype == "bfloat16" else "float32"
@@ -578,18 +580,6 @@ def markdown(header: dict, train: list[dict], peak: dict, metrics_s, startup, st
                          f"| {fmt(r['gflops'], ',.1f')} | {fmt(None if r['frac'] is None else 100 * r['frac'], '.1f')} "
                          f"| {100 * r['analytic_frac']:.1f} | {fmt(100 * r['blas_frac'] if r.get('blas_frac') else None, '.1f')} "
                          f"| {r['compile_s']:.1f} |")
-    speedups = [r for r in RECORDS if r["name"].startswith("speedup_vs_original/")]
-    if speedups:
-        lines.append("")
-        lines.append("Against the original (PyTorch) implementation, per epoch of 100,000 rows at batch 2048 "
-                     "on this CPU (ours scaled linearly to 100,000 rows when the run used fewer):")
-        lines.append("")
-        lines.append("| head + loss | original s/epoch | ours s/epoch | speed-up |")
-        lines.append("|---|---:|---:|---:|")
-        for r in speedups:
-            p = r["params"]
-            lines.append(f"| {r['name'].split('/', 1)[1]} | {p['original_epoch_seconds']:.1f} | "
-                         f"{p['ours_epoch_seconds_per_100k_rows']:.2f} | {r['value']:.2f}× |")
     return "\n".join(lines)
 
 
@@ -613,8 +603,10 @@ def main(argv=None) -> int:
     study_group = parser.add_mutually_exclusive_group()
     study_group.add_argument("--skip-study", action="store_true", help="omit the quickstart tuning study")
     study_group.add_argument("--study", action="store_true",
-                             help="run the quickstart study with --quick too (it takes ~3.5 min on 2 CPU cores)")
-    parser.add_argument("--study-timeout", type=float, default=900.0)
+                             help="run the study section with --quick too (four studies: ~10 min on 2 CPU cores)")
+    parser.add_argument("--study-timeout", type=float, default=900.0, help="seconds per study")
+    parser.add_argument("--study-config", default=str(REPO / "configs" / "quickstart.yaml"),
+                        help="the tuning config of the study section (default: the quickstart)")
     parser.add_argument("--random-data", action="store_true",
                         help="train on normals drawn on the device (same shapes) instead of xclip_jax.data.synthesize")
     parser.add_argument("--skip-training", action="store_true")
@@ -676,21 +668,12 @@ def main(argv=None) -> int:
         train = bench_training(args, meters["bfloat16" if args.dtype == "bfloat16" else "float32"], data_dev,
                                image_dim, text_dim)
         del data_dev
-        for r in train:
-            orig = ORIGINAL_EPOCH_SECONDS.get(r["name"])
-            if orig and r["batch"] == 2048 and (image_dim, text_dim) == (768, 1024) and backend == "cpu":
-                ours_100k = r["epoch_s"] * 100_000 / r["rows"]
-                record(f"speedup_vs_original/{r['name']}", round(orig / ours_100k, 2), "x", batch_size=2048,
-                       original_epoch_seconds=orig, ours_epoch_seconds_per_100k_rows=round(ours_100k, 3),
-                       note="original: PyTorch, 100,000 rows on this 2-core CPU; ours scaled linearly to 100,000 "
-                            "rows when the run used fewer")
-
     save()
     metrics_s = None if args.skip_metrics else bench_metrics(repeats=3)
     save()
     startup = None if args.skip_startup else bench_trial_startup()
     save()
-    study = bench_study(args.study_timeout) if run_study else None
+    study = bench_study(args.study_timeout, Path(args.study_config).resolve()) if run_study else None
 
     peak = {}
     if blas:

@@ -154,12 +154,12 @@ def test_tune_config_as_the_original_flag_or_the_default(tmp_path, capsys, monke
 def test_changed_search_space_via_cli(tmp_path, capsys):
     path = tune_yaml(tmp_path)
     optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
-    from xclip_jax import study as st
+    from xclip_jax import space
     from xclip_jax.tune_config import load_tune_config
 
     cfg = load_tune_config(path)
     s = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/study.db")
-    st.store_space(s, cfg)
+    space.store_space(s, cfg)
     s.add_trial(optuna.trial.create_trial(params={"head_type": "clip"}, value=0.5, distributions={
         "head_type": optuna.distributions.CategoricalDistribution(["siglip", "clip", "mlp"])}))
     raw = yaml.safe_load(path.read_text())

@@ -65,14 +65,16 @@ def test_driver_sigkill_then_same_command_resumes(tmp_path):
         assert [r for r in trials if r.system_attrs.get("failed_trial") == t.number and r.params == t.params]
 
 
-def test_nan_loss_ends_its_trial_with_the_reason(tmp_path):
-    cfg_path = write(tmp_path, n_trials=1, fixed={"output_dim": 16, "learning_rate": 1.0e38,
-                                                          "batch_size": 64},
+def test_nan_loss_ends_its_trial_with_the_reason_and_not_its_runner(tmp_path):
+    cfg_path = write(tmp_path, n_trials=2, n_jobs=1, fixed={"output_dim": 16, "learning_rate": 1.0e38,
+                                                             "batch_size": 64},
                      search_space={"head_type": {"type": "categorical", "choices": ["clip"]}})
     out = tune_run(tmp_path, cfg_path, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    (t,) = load(tmp_path).get_trials()
-    assert t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"]
+    trials = load(tmp_path).get_trials()
+    assert len(trials) == 2
+    assert all(t.state == TrialState.FAIL and "not finite" in t.user_attrs["fail_reason"] for t in trials)
+    assert trials[0].user_attrs["pid"] == trials[1].user_attrs["pid"]  # the runner went on to the next trial
 
 
 def test_trial_out_of_memory_is_fail_and_study_goes_on(tmp_path):
@@ -185,8 +187,9 @@ def test_two_drivers_share_one_postgres_study_and_survive_losing_one(tmp_path):
     ran = [t for t in trials if "pid" in t.user_attrs and not t.system_attrs.get("xclip_surplus")]
     assert all(t.user_attrs["host"] in ("machine-a", "machine-b") for t in ran)
     assert {t.user_attrs["host"] for t in ran} == {"machine-a", "machine-b"}
-    keys = [(t.user_attrs["host"], t.user_attrs["pid"]) for t in ran]
-    assert len(keys) == len(set(keys))  # no process ran two trials, no trial ran in two processes
+    # a runner runs its trials one after another, each once: per process, distinct places in its sequence
+    keys = [(t.user_attrs["host"], t.user_attrs["pid"], t.user_attrs.get("runner_trial")) for t in ran]
+    assert len(keys) == len(set(keys))
     assert len({t.number for t in trials}) == len(trials)
     out_a, _ = procs["a"][2].communicate()
     assert SECRET not in out_a + out_b

@@ -15,7 +15,7 @@ LAYERS = [
     {"heads", "metrics"},                                                # the core
     {"config", "data", "figures", "storage", "runtime", "pool"},             # edges, I/O, processes
     {"tune_config", "step"},                                             # tuning config; the training step
-    {"checkpoint", "study", "study_plots"},                              # checkpoints; the study policy
+    {"checkpoint", "programs", "space", "study", "study_plots"},         # checkpoints, kept programs; the study policy
     {"evaluate", "report"},                                              # a run's evaluation; a study's outputs
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver

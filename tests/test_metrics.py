@@ -137,9 +137,7 @@ def test_exact_tie_goes_to_the_query():
     texts[text_image == 0] = images[0]
     texts = np.concatenate([texts, images[:1]])
     text_image = np.concatenate([text_image, [1]])
-    i2t, _ = metrics._ranks(
-        jnp.asarray(images), jnp.asarray(texts), jnp.asarray(text_image, jnp.int32), 5
-    )
+    i2t, _, _, _ = metrics.ranks(jnp.asarray(images), jnp.asarray(texts), jnp.asarray(text_image, jnp.int32), 5)
     assert i2t[0] == 1
 
 
@@ -199,12 +197,12 @@ def test_huge_magnitudes_rank_by_cosine():
 
 def test_one_compile_for_many_chunks():
     images, texts, text_image = make_set(15, 53, dim=24)  # shapes used by no other test
-    step = metrics._image_chunk_step
-    before = step._cache_size()
+    program = metrics._ranks_program
+    before = program._cache_size()
     retrieval_metrics_indexed(images, texts, text_image, chunk_size=5)  # 11 chunks
-    assert step._cache_size() == before + 1
+    assert program._cache_size() == before + 1
     retrieval_metrics_indexed(images, texts, text_image, chunk_size=5)
-    assert step._cache_size() == before + 1
+    assert program._cache_size() == before + 1
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,13 @@ WORKER = textwrap.dedent("""\
         if job["do"] == "hog":
             global ballast
             ballast = bytearray(job.get("mb", 64) << 20)
-        return {"pid": os.getpid(), "value": job["job"] * 2}
+        return {"pid": os.getpid(), "value": job["job"] * 2, "ahead": job.get("ahead", False)}
 
-    serve(run)
+    def prepare(job):
+        with open(job["log"] + ".prepared", "w") as fh:  # what a runner does for its next job meanwhile
+            fh.write(str(os.getpid()))
+
+    serve(run, prepare)
 """)
 
 
@@ -173,3 +177,31 @@ def test_exit_reason_is_the_error_not_the_jax_note():
 @pytest.mark.parametrize("secret_line", ["OperationalError: postgresql://bob:hunter2@db/x refused"])
 def test_exit_reason_masks_passwords(secret_line):
     assert "hunter2" not in exit_reason(1, secret_line) and "bob:***@" in exit_reason(1, secret_line)
+
+
+def test_a_worker_that_takes_jobs_ahead_gets_its_next_one_while_running(tmp_path):
+    pool = _pool(tmp_path, size=1, max_jobs=10)
+    pool.submit("a", {"do": "echo", "ahead": True}, tmp_path / "a.log")
+    _drain(pool, ["a"])  # its result says it takes jobs ahead
+    pool.submit("b", {"do": "echo", "seconds": 1.0, "ahead": True}, tmp_path / "b.log")
+    assert pool.has_room()  # b runs, and the same worker takes c now, queued behind it
+    pool.submit("c", {"do": "echo", "ahead": True}, tmp_path / "c.log")
+    assert len(pool.workers) == 1 and not pool.has_room()
+    time.sleep(0.5)
+    assert (tmp_path / "c.log.prepared").exists()  # prepared while b still ran
+    events = _drain(pool, ["b", "c"])
+    assert events["b"].result["pid"] == events["c"].result["pid"]
+    # a worker that dies with a job queued: the running one is lost with the reason, the queued one never started
+    pool.submit("d", {"do": "die", "seconds": 0.5, "ahead": True}, tmp_path / "d.log")
+    pool.submit("e", {"do": "echo"}, tmp_path / "e.log")
+    events = _drain(pool, ["d", "e"])
+    assert events["d"].kind == events["e"].kind == "lost"
+    assert events["d"].started and "SIGKILL" in events["d"].reason
+    assert not events["e"].started
+    pool.close()
+
+
+def test_a_worker_that_does_not_take_jobs_ahead_gets_one_at_a_time(tmp_path):
+    pool = _pool(tmp_path, size=1, max_jobs=10)
+    pool.submit("a", {"do": "echo", "seconds": 0.5}, tmp_path / "a.log")
+    assert not pool.has_room()

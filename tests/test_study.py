@@ -10,6 +10,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tests.conftest import TUNE, write
+from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError
 from xclip_jax.storage import make_storage
@@ -20,23 +21,23 @@ def test_changed_search_space_is_one_clear_line(tmp_path):
     cfg = load_tune_config(write(tmp_path))
     storage = make_storage(cfg.storage)
     study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
-    st.store_space(study, cfg)
+    space.store_space(study, cfg)
     changed = load_tune_config(write(tmp_path, search_space={
         **yaml.safe_load(TUNE.format(n_trials=1, dir=tmp_path))["search_space"],
         "hidden_dim": {"type": "categorical", "choices": [16, 64]}}))
     # a study without trials may still change its space (e.g. after fixing what a check refused)
-    st.check_space(study, changed)
-    st.store_space(study, changed)
-    assert study.user_attrs[st.SPACE_ATTR]["hidden_dim"]["choices"] == [16, 64]
+    space.check_space(study, changed)
+    space.store_space(study, changed)
+    assert study.user_attrs[space.SPACE_ATTR]["hidden_dim"]["choices"] == [16, 64]
     study.add_trial(optuna.trial.create_trial(params={"hidden_dim": 16}, value=0.5, distributions={
         "hidden_dim": optuna.distributions.CategoricalDistribution([16, 64])}))
     with pytest.raises(UserError) as e:
-        st.check_space(optuna.load_study(study_name="tiny", storage=storage), cfg)
+        space.check_space(optuna.load_study(study_name="tiny", storage=storage), cfg)
     msg = str(e.value)
     assert "hidden_dim" in msg and "[16, 32]" in msg and "[16, 64]" in msg and "new study_name" in msg
     assert "\n" not in msg
-    st.store_space(study, cfg)  # refused spaces are never stored
-    assert study.user_attrs[st.SPACE_ATTR]["hidden_dim"]["choices"] == [16, 64]
+    space.store_space(study, cfg)  # refused spaces are never stored
+    assert study.user_attrs[space.SPACE_ATTR]["hidden_dim"]["choices"] == [16, 64]
 
 
 def test_pruner_that_never_prunes_is_warned(tmp_path):
@@ -55,7 +56,7 @@ def test_conditional_parameters_follow_the_original(tmp_path):
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
-        params = st.sample(trial, cfg)
+        params = space.sample(trial, cfg)
         assert ("hidden_dim" in params) == (params["head_type"] in ("clip", "mlp"))
         study.tell(trial, 0.0)
 
@@ -71,14 +72,14 @@ def test_choices_that_can_never_run_are_refused_before_the_study(tmp_path):
     cfg = _space(tmp_path, head_type={"type": "categorical", "choices": ["clip", "attention"]},
                  num_heads={"type": "categorical", "choices": [8, 12, 16, 20]})
     with pytest.raises(UserError) as e:
-        st.check_combinations(cfg, rows=1500, dims=(1024, 4096))
+        space.check_combinations(cfg, rows=1500, dims=(1024, 4096))
     msg = str(e.value)
     assert "search_space.num_heads" in msg and "12" in msg and "divid" in msg and "\n" not in msg
     fine = _space(tmp_path, head_type={"type": "categorical", "choices": ["clip", "attention"]},
                   num_heads={"type": "categorical", "choices": [8, 16]})
-    assert st.check_combinations(fine, rows=1500, dims=(1024, 4096)) is None
+    assert space.check_combinations(fine, rows=1500, dims=(1024, 4096)) is None
     with pytest.raises(UserError, match="no combination"):  # the only head needs what no choice gives
-        st.check_combinations(_space(tmp_path, head_type={"type": "categorical", "choices": ["attention"]},
+        space.check_combinations(_space(tmp_path, head_type={"type": "categorical", "choices": ["attention"]},
                                      num_heads={"type": "categorical", "choices": [12, 20]}), 1500, (1024, 4096))
 
 
@@ -86,7 +87,7 @@ def test_combinations_only_some_draws_hit_are_skipped_when_sampled(tmp_path):
     """queue_size below batch_size: warned up front, then pruned from sampling (no process, no budget)."""
     cfg = _space(tmp_path, loss_type={"type": "categorical", "choices": ["softmax_infonce", "queue_infonce"]},
                  queue_size={"type": "categorical", "choices": [64, 256]})
-    warning = st.check_combinations(cfg, rows=1500, dims=(16, 24))
+    warning = space.check_combinations(cfg, rows=1500, dims=(16, 24))
     assert "queue_size 64 is smaller than training.batch_size 128" in warning and "skipped when sampled" in warning
     cfg = dataclasses.replace(cfg, n_trials=30)
     storage = make_storage(cfg.storage, heartbeat=(1, 5))
@@ -95,10 +96,10 @@ def test_combinations_only_some_draws_hit_are_skipped_when_sampled(tmp_path):
     ran = []
     for _ in range(30):
         trial = st.ask_trial(study, storage, cfg, (16, 24), 1500)
-        assert st.combination_problem(trial.params, cfg, (16, 24), 1500) is None
+        assert space.combination_problem(trial.params, cfg, (16, 24), 1500) is None
         ran.append(trial.number)
         study.tell(trial, 0.5)
-    skipped = [t for t in study.get_trials() if st.SKIPPED_ATTR in t.system_attrs]
+    skipped = [t for t in study.get_trials() if space.SKIPPED_ATTR in t.system_attrs]
     assert skipped and all(t.state == TrialState.PRUNED and "smaller than training.batch_size" in t.user_attrs["skipped"]
                            for t in skipped)
     c = st.counts(study)

@@ -51,15 +51,22 @@ def study_run(tmp_path_factory):
     return tmp, cfg_path, victim.number, out, first, proc.pid
 
 
-def test_trials_run_in_their_own_processes(study_run):
-    tmp, _, _, _, first, driver_pid = study_run
+def test_trials_run_in_warm_runner_processes(study_run):
+    """n_jobs 2: two runner processes, each running trials one after another; the SIGKILLed one is
+    replaced by a fresh runner."""
+    tmp, _, victim, _, first, driver_pid = study_run
     pids = [t.user_attrs["pid"] for t in first if "pid" in t.user_attrs]
-    assert len(set(pids)) == len(pids) >= 6
+    assert len(pids) >= 6 and len(set(pids)) <= 3 and len(set(pids)) < len(pids)
     assert driver_pid not in pids and os.getpid() not in pids
     done = [t for t in first if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert all(t.user_attrs["xla_preallocate"] == "false" for t in done)
-    assert all(t.user_attrs["startup_seconds"] > 0 and t.user_attrs["compile_seconds"] > 0 for t in done)
-    assert all({"host", "jax_backend", "train_seconds", "best_epoch"} <= set(t.user_attrs) for t in done)
+    assert all(t.user_attrs["startup_seconds"] > 0 and t.user_attrs["train_seconds"] > 0 for t in done)
+    assert all({"host", "jax_backend", "compile_seconds", "eval_seconds", "programs_compiled", "compile_cache_hits",
+                "runner_trial", "best_epoch"} <= set(t.user_attrs) for t in done)
+    # a runner's first trial pays its start-up (spawn -> data on the device); the later ones do not
+    first_in_runner = [t.user_attrs["startup_seconds"] for t in done if t.user_attrs["runner_trial"] == 0]
+    later = [t.user_attrs["startup_seconds"] for t in done if t.user_attrs["runner_trial"] > 0]
+    assert first_in_runner and later and max(later) < min(first_in_runner)
 
 
 def test_killed_trial_is_fail_and_the_study_goes_on(study_run):
@@ -195,3 +202,31 @@ def test_devices_spread_concurrent_trials_over_the_cards(tmp_path):
             overlap = a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
             if a.number < b.number and overlap:
                 assert a.user_attrs["cuda_visible_devices"] != b.user_attrs["cuda_visible_devices"]
+
+
+def test_a_warm_runner_compiles_a_seen_shape_once_and_is_recycled(tmp_path):
+    """One point of the search space four times, n_jobs 1, runner_max_trials 3: the first trial
+    compiles its programs, the next two in the same process compile nothing, the fourth runs in a
+    fresh runner that loads them from the persistent cache."""
+    cfg_path = write(tmp_path, n_trials=4, n_jobs=1, runner_max_trials=3, max_epochs=2, pruner={"type": "NopPruner"},
+                     search_space={"learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+                     fixed={"output_dim": 16, "head_type": "clip", "hidden_dim": 16, "batch_size": 128})
+    done = tune_run(tmp_path, cfg_path, env_patch={"XCLIP_JAX_CACHE": str(tmp_path / "fresh_cache")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = load(tmp_path).get_trials()
+    attrs = [t.user_attrs for t in trials]
+    assert [a["pid"] for a in attrs[:3]] == [attrs[0]["pid"]] * 3 and attrs[3]["pid"] != attrs[0]["pid"]
+    assert [a["runner_trial"] for a in attrs] == [0, 1, 2, 0]
+    assert attrs[0]["programs_compiled"] == 4 and attrs[0]["compile_cache_hits"] == 0
+    assert attrs[1]["programs_compiled"] == attrs[2]["programs_compiled"] == 0
+    assert attrs[3]["programs_compiled"] == 4 and attrs[3]["compile_cache_hits"] == 4
+    assert attrs[1]["compile_seconds"] < 0.1 < attrs[0]["compile_seconds"]
+
+
+def test_one_process_per_trial_is_one_config_key(tmp_path):
+    cfg_path = write(tmp_path, n_trials=3, n_jobs=1, runner_max_trials=1, max_epochs=1)
+    done = tune_run(tmp_path, cfg_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = load(tmp_path).get_trials()
+    assert len({t.user_attrs["pid"] for t in trials}) == 3
+    assert all(t.user_attrs["runner_trial"] == 0 for t in trials)

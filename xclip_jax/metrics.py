@@ -9,8 +9,9 @@ compared by dot products in float32. One sweep over fixed-size chunks of images 
 each chunk's ``[chunk, T]`` similarity block once and reduces it on the device in both directions:
 image->text ranks for the chunk, and per-caption counts of images that beat the caption's own
 image. Both directions therefore cost one N x T matrix product, not two; memory is bounded by a
-few ``chunk_size * T`` float32 blocks and the full matrix never exists. The last chunk is padded,
-so a call compiles once per shape, not once per chunk.
+few ``chunk_size * T`` float32 blocks and the full matrix never exists. The whole computation is
+one traceable function (:func:`ranks`, a ``lax.scan`` over chunks padded to whole chunks): one
+compiled program per shape, which the training step also inlines into its evaluation program.
 
 A rank is 1 + the number of wrong candidates with a *strictly* greater similarity than the best
 correct one, so exact ties go in the query's favour. Image->text ties are judged on the very
@@ -21,7 +22,6 @@ image that ties the own image exactly (e.g. a duplicate embedding) may then coun
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -37,8 +37,10 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_KS",
     "format_table",
+    "ranks",
     "retrieval_metrics",
     "retrieval_metrics_indexed",
+    "summarise",
 ]
 
 
@@ -78,9 +80,6 @@ def _matvec(a_RxK, v_K):
     return jnp.dot(a_RxK, v_K, precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("chunk_size",), donate_argnames=("t2i_counts_T", "own_sim_T")
-)
 def _image_chunk_step(
     images_QxD, start, num_images, texts_TxD, text_image_T, own_ref_T, t2i_counts_T, own_sim_T,
     finite, *, chunk_size,
@@ -89,7 +88,7 @@ def _image_chunk_step(
 
     Args:
       images_QxD: all images, zero-padded to a multiple of ``chunk_size`` rows.
-      start: first image of this chunk (traced, so every chunk shares one compiled program).
+      start: first image of this chunk (traced: one loop body serves every chunk).
       num_images: N, the number of real (unpadded) images.
       texts_TxD, text_image_T: all captions and the image index of each.
       own_ref_T: each caption's similarity to its own image, computed once up front; the
@@ -136,7 +135,6 @@ def _image_chunk_step(
     return i2t_ranks_C, t2i_counts_T, own_sim_T, finite
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _own_reference(texts_TxD, images_NxD, text_image_T, *, chunk_size):
     """Each caption's dot product with its own image, ``[T]``, gathering ``chunk_size`` rows at once.
 
@@ -159,7 +157,6 @@ def _own_reference(texts_TxD, images_NxD, text_image_T, *, chunk_size):
     return jax.lax.fori_loop(0, -(-t // c), body, jnp.zeros((t,), jnp.float32))
 
 
-@jax.jit
 def _t2i_ranks(t2i_counts_T, own_sim_T, own_ref_T):
     # The sweep counted every image above the reference, the caption's own image included when
     # its matmul similarity rounds above the separately computed reference: take that back out.
@@ -167,63 +164,66 @@ def _t2i_ranks(t2i_counts_T, own_sim_T, own_ref_T):
     return 1 + t2i_counts_T - own_counted_T
 
 
-@jax.jit
-def _all_finite(x):
-    return jnp.all(jnp.isfinite(x))
+def ranks(images_NxD, texts_TxD, text_image_T, chunk_size: int):
+    """Image->text and text->image ranks, traceable (jit it, or call it inside a jitted program).
 
+    Both sides are L2-normalised (cosine similarity); then one sweep over image chunks (a
+    ``lax.scan``, padded to whole chunks) computes each chunk's ``[chunk, T]`` similarity block once
+    and reduces it in both directions.
 
-def _ranks(images_NxD, texts_TxD, text_image_T, chunk_size):
-    """Return host int arrays (i2t ranks [N], t2i ranks [T]) from one sweep over image chunks.
+    Args:
+      images_NxD: one row per unique image. texts_TxD: one row per caption. text_image_T: each
+        caption's image index (int32). chunk_size: images per block (a Python int).
 
-    Raises:
-      ValueError: if any similarity overflowed float32.
+    Returns:
+      ``(i2t_ranks [N], t2i_ranks [T], images_finite, texts_finite)``: 1-based int32 ranks, and
+      whether each input was free of NaN/Inf (the ranks mean nothing where it was not).
     """
-    n = images_NxD.shape[0]
+    images_finite = jnp.all(jnp.isfinite(images_NxD))
+    texts_finite = jnp.all(jnp.isfinite(texts_TxD))
+    images_NxD, texts_TxD = _l2_normalize(images_NxD), _l2_normalize(texts_TxD)
+    n, d = images_NxD.shape
     t = texts_TxD.shape[0]
     num_chunks = -(-n // chunk_size)
     images_QxD = jnp.pad(images_NxD, ((0, num_chunks * chunk_size - n), (0, 0)))
     own_ref_T = _own_reference(texts_TxD, images_NxD, text_image_T, chunk_size=chunk_size)
-    t2i_counts_T = jnp.zeros((t,), jnp.int32)
-    own_sim_T = jnp.zeros((t,), jnp.float32)
-    finite = jnp.array(True)
-    # Dispatch every chunk before reading anything back so the host never stalls the device;
-    # only [chunk]-sized rank vectors and the final [T] ranks leave it.
-    parts = []
-    for i in range(num_chunks):
+
+    def body(carry, start):
+        t2i_counts_T, own_sim_T, finite = carry
         ranks_C, t2i_counts_T, own_sim_T, finite = _image_chunk_step(
-            images_QxD, jnp.int32(i * chunk_size), jnp.int32(n), texts_TxD, text_image_T,
-            own_ref_T, t2i_counts_T, own_sim_T, finite, chunk_size=chunk_size,
-        )
-        parts.append(ranks_C)
-    if not bool(finite):
-        raise ValueError(
-            "similarities overflowed float32; scale the embeddings (e.g. L2-normalise them)"
-        )
-    i2t = np.asarray(jnp.concatenate(parts))[:n]
-    t2i = np.asarray(_t2i_ranks(t2i_counts_T, own_sim_T, own_ref_T))
-    return i2t, t2i
+            images_QxD, start, n, texts_TxD, text_image_T, own_ref_T, t2i_counts_T, own_sim_T, finite,
+            chunk_size=chunk_size)
+        return (t2i_counts_T, own_sim_T, finite), ranks_C
+
+    init = (jnp.zeros((t,), jnp.int32), jnp.zeros((t,), jnp.float32), jnp.array(True))
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+    (t2i_counts_T, own_sim_T, finite), ranks_KxC = jax.lax.scan(body, init, starts)
+    i2t_ranks_N = ranks_KxC.reshape(-1)[:n]
+    # With finite unit-norm inputs no similarity can overflow: `finite` only guards the inputs again.
+    return (i2t_ranks_N, _t2i_ranks(t2i_counts_T, own_sim_T, own_ref_T), images_finite & finite,
+            texts_finite & finite)
 
 
-def _as_embeddings(x, name: str) -> jax.Array:
-    x = jnp.asarray(x)
+_ranks_program = jax.jit(ranks, static_argnames="chunk_size")
+
+
+def _l2_normalize(x):
+    # Cosine similarity: rank by direction only (a raw embedding's norm says nothing about a match).
+    # Dividing by the row's largest magnitude first keeps the norm finite for any finite input.
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    x = x / jnp.where(scale > 0, scale, 1.0)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _as_embeddings(x, name: str):
+    if not hasattr(x, "shape"):
+        x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
-    x = x.astype(jnp.float32)
-    if x.shape[0] and not bool(_all_finite(x)):
-        # NaN similarities compare false everywhere, which would score a diverged model as perfect.
-        raise ValueError(f"{name} contains NaN or Inf values")
-    return _l2_normalize(x)
-
-
-@jax.jit
-def _l2_normalize(x):
-    # Cosine similarity: rank by direction only (a raw embedding's norm says nothing about a match).
-    # Dividing by the row's largest magnitude first keeps the norm finite for any finite input.
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    x = x / jnp.where(scale > 0, scale, 1.0)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -237,7 +237,9 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in ks}))
 
 
-def _summarise(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+def summarise(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """The metrics dict (see :func:`retrieval_metrics_indexed`) from host arrays of 1-based ranks."""
+    ks = _check_ks(ks)
     metrics: dict[str, float] = {}
     recalls = []
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
@@ -322,11 +324,15 @@ def retrieval_metrics_indexed(
     if not captions_per_image.all():
         missing = int(np.sum(captions_per_image == 0))
         raise ValueError(f"{missing} of {n} images have no caption in text_image")
-    text_image_T = jnp.asarray(labels, dtype=jnp.int32)
-
-    # A chunk larger than the image count would only add padded rows to every block.
-    i2t_ranks, t2i_ranks = _ranks(images_NxD, texts_TxD, text_image_T, min(chunk_size, n))
-    return _summarise(i2t_ranks, t2i_ranks, ks)
+    # One compiled program per shape; a chunk larger than the image count would only add padding.
+    i2t, t2i, images_ok, texts_ok = jax.device_get(_ranks_program(
+        images_NxD.astype(jnp.float32), texts_TxD.astype(jnp.float32), jnp.asarray(labels, jnp.int32),
+        chunk_size=min(chunk_size, n)))
+    # NaN similarities compare false everywhere, which would score a diverged model as perfect.
+    for ok, name in ((images_ok, "image_emb"), (texts_ok, "text_emb")):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or Inf values")
+    return summarise(i2t, t2i, ks)
 
 
 def retrieval_metrics(

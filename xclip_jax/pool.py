@@ -80,13 +80,22 @@ def exit_reason(rc: int, log: str) -> str:
 @dataclasses.dataclass
 class Event:
     """What :meth:`Pool.poll` saw: a job ``done`` (with the worker's ``result``) or ``lost`` (with a
-    ``reason``) and the log its output went to."""
+    ``reason``; ``started`` says whether the worker had begun it or it was still queued) and the log
+    its output went to."""
 
     kind: str
     job: str
     log_path: Path
     result: dict | None = None
     reason: str | None = None
+    started: bool = True
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    log_path: Path
+    started: float  # when the worker began it (for a queued job: when it was queued)
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,13 +103,11 @@ class Worker:
     proc: subprocess.Popen
     results: object  # the read end of the worker's result pipe
     device: int | None
-    started: float
     buffer: bytes = b""
     jobs_done: int = 0
-    job: str | None = None
-    job_started: float = 0.0
-    log_path: Path | None = None
+    jobs: list = dataclasses.field(default_factory=list)  # the running job first, then at most one queued
     retiring: bool = False
+    ahead: bool = False  # it takes its next job while running one (it said so in a result)
 
 
 def rss_bytes(pid: int) -> int:
@@ -122,6 +129,9 @@ class Pool:
       memory_limit_bytes: address-space cap of each worker. max_jobs: jobs a worker runs before it
         is retired (1 = a process per job). max_rss_bytes: retire a worker whose resident memory is
         over this after a job. job_timeout: kill a worker whose job runs longer (seconds).
+
+    A worker whose results say ``"ahead": true`` is handed its next job while it runs one (it
+    prepares that job meanwhile, e.g. compiles it); every other worker gets one job at a time.
     """
 
     def __init__(self, command: list[str], *, size: int, env: dict | None = None, devices=None,
@@ -141,12 +151,19 @@ class Pool:
     # -- handing out jobs ------------------------------------------------------------------
 
     def busy(self) -> dict[str, Worker]:
-        """The jobs in progress, by id."""
-        return {w.job: w for w in self.workers if w.job is not None}
+        """The jobs in progress or queued, by id."""
+        return {job.id: w for w in self.workers for job in w.jobs}
+
+    def _takes_job(self, worker: Worker) -> bool:
+        if worker.retiring or worker.jobs_done + len(worker.jobs) >= self.max_jobs:
+            return False
+        return not worker.jobs or (worker.ahead and len(worker.jobs) == 1)
 
     def has_room(self) -> bool:
-        """Whether a job submitted now would start at once."""
-        return len(self.busy()) < self.size
+        """Whether a job submitted now would be taken: by an idle worker, a worker that takes its next
+        job ahead, or a new worker."""
+        live = [w for w in self.workers if not w.retiring]
+        return len(live) < self.size or any(self._takes_job(w) for w in live)
 
     def submit(self, job: str, payload: dict, log_path: Path) -> Worker:
         """Run ``payload`` as job ``job`` on an idle worker (started if none), output to ``log_path``.
@@ -154,11 +171,10 @@ class Pool:
         Raises:
           OSError: the worker could not be started (e.g. no room for its log); nothing is running.
         """
-        worker = next((w for w in self.workers if w.job is None and not w.retiring), None)
-        if worker is None:
-            worker = self._start(log_path)
+        idle = [w for w in self.workers if self._takes_job(w)]
+        worker = min(idle, key=lambda w: len(w.jobs)) if idle else self._start(log_path)
+        worker.jobs.append(Job(job, Path(log_path), time.time()))
         line = json.dumps({"job": job, "log": str(log_path), **payload}) + "\n"
-        worker.job, worker.job_started, worker.log_path = job, time.time(), Path(log_path)
         try:
             worker.proc.stdin.write(line.encode())
             worker.proc.stdin.flush()
@@ -187,7 +203,7 @@ class Pool:
         finally:
             os.close(write_fd)
         os.set_blocking(read_fd, False)
-        worker = Worker(proc, os.fdopen(read_fd, "rb", buffering=0), device, time.time())
+        worker = Worker(proc, os.fdopen(read_fd, "rb", buffering=0), device)
         self.workers.append(worker)
         self.started_workers += 1
         return worker
@@ -206,19 +222,25 @@ class Pool:
         events = []
         for worker in list(self.workers):
             events += self._read_results(worker)
-            if worker.job is not None and self.job_timeout and time.time() - worker.job_started > self.job_timeout:
+            running = worker.jobs[0] if worker.jobs else None
+            if running and self.job_timeout and time.time() - running.started > self.job_timeout:
                 self._kill(worker)
                 worker.proc.wait()
-                events.append(Event("lost", worker.job, worker.log_path, reason="trial_timeout exceeded"))
-                worker.job = None
+                events += self._lose_all(worker, "trial_timeout exceeded")
             rc = worker.proc.poll()
             if rc is None:
                 continue
             events += self._read_results(worker)  # a last line written just before it exited
-            if worker.job is not None:
-                events.append(Event("lost", worker.job, worker.log_path,
-                                    reason=exit_reason(rc, log_tail(worker.log_path))))
+            if worker.jobs:
+                events += self._lose_all(worker, exit_reason(rc, log_tail(worker.jobs[0].log_path)))
             self._forget(worker)
+        return events
+
+    def _lose_all(self, worker: Worker, reason: str) -> list[Event]:
+        """The worker is gone: its running job is lost with ``reason``, a queued one never started."""
+        events = [Event("lost", job.id, job.log_path, reason=reason if i == 0 else "its worker ended before it started",
+                        started=i == 0) for i, job in enumerate(worker.jobs)]
+        worker.jobs.clear()
         return events
 
     def _read_results(self, worker: Worker) -> list[Event]:
@@ -232,16 +254,20 @@ class Pool:
         while b"\n" in worker.buffer:
             line, worker.buffer = worker.buffer.split(b"\n", 1)
             result = json.loads(line)
-            events.append(Event("done", result.pop("job"), worker.log_path, result=result))
-            worker.job = None
+            job = worker.jobs.pop(0)
+            assert result.pop("job") == job.id, "a worker answers its jobs in order"
+            events.append(Event("done", job.id, job.log_path, result=result))
             worker.jobs_done += 1
+            worker.ahead = bool(result.get("ahead"))
+            if worker.jobs:  # the queued job starts now
+                worker.jobs[0].started = time.time()
             if worker.jobs_done >= self.max_jobs or (
                     self.max_rss_bytes and rss_bytes(worker.proc.pid) > self.max_rss_bytes):
                 self._retire(worker)
         return events
 
     def _retire(self, worker: Worker) -> None:
-        """No more jobs for this worker: its stdin closes and it exits on its own."""
+        """No more jobs for this worker: its stdin closes, and it exits once its queue is done."""
         worker.retiring = True
         try:
             worker.proc.stdin.close()
@@ -265,11 +291,11 @@ class Pool:
 
     def close(self, grace: float = 10.0) -> None:
         """Retire every idle worker and wait for them to exit (jobs in progress are not touched)."""
-        for worker in self.workers:
-            if worker.job is None:
-                self._retire(worker)
+        idle = [w for w in self.workers if not w.jobs]
+        for worker in idle:
+            self._retire(worker)
         deadline = time.time() + grace
-        for worker in [w for w in self.workers if w.job is None]:
+        for worker in idle:
             try:
                 worker.proc.wait(timeout=max(deadline - time.time(), 0.1))
             except subprocess.TimeoutExpired:
@@ -293,8 +319,7 @@ class Pool:
         events = []
         for worker in list(self.workers):
             events += self._read_results(worker)
-            if worker.job is not None:
-                events.append(Event("lost", worker.job, worker.log_path, reason="interrupted"))
+            events += [dataclasses.replace(e, reason="interrupted") for e in self._lose_all(worker, "interrupted")]
             self._forget(worker)
         return events
 
@@ -321,14 +346,35 @@ def worker_setup() -> None:
         raise SystemExit("the driver that started this worker is gone")
 
 
-def serve(run_job) -> None:
+def serve(run_job, prepare_job=None) -> None:
     """The worker's loop: for each job line on stdin, run ``run_job(job) -> dict`` with stdout and
     stderr in the job's log, then write ``{"job": id, **result}`` to the result pipe. Returns when the
-    pool closes stdin. An exception in ``run_job`` ends the worker (the pool reports the job lost)."""
+    pool closes stdin. An exception in ``run_job`` ends the worker (the pool reports the job lost).
+
+    Jobs are read by a thread as they arrive; ``prepare_job(job)``, when given, runs there for each
+    (exceptions ignored: the job itself will meet them), so a worker that says ``"ahead": true`` in
+    its results can prepare its next job while it runs the current one.
+    """
+    import queue
+    import threading
+
     worker_setup()
     results = os.fdopen(int(os.environ.pop(RESULT_FD_ENV)), "w", buffering=1)
-    for line in sys.stdin:
-        job = json.loads(line)
+    jobs: queue.Queue = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            job = json.loads(line)
+            jobs.put(job)
+            if prepare_job is not None:
+                try:
+                    prepare_job(job)
+                except Exception:  # noqa: BLE001 - the job's own run reports it
+                    pass
+        jobs.put(None)
+
+    threading.Thread(target=read, name="jobs", daemon=True).start()
+    while (job := jobs.get()) is not None:
         _redirect_output(job["log"])
         result = run_job(job)
         sys.stdout.flush()

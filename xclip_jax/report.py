@@ -172,6 +172,8 @@ def study_summary(study: optuna.Study) -> dict:
             "best_value": best.value if best is not None else None,
             "best_params": dict(best.params) if best is not None else None,
             "user_attrs": dict(study.user_attrs),
+            # where the last driver run's time went (every run's record is in user_attrs.xclip_runs)
+            "throughput": (study.user_attrs.get("xclip_runs") or [None])[-1],
             "trials": [trial_record(t) for t in sorted(trials, key=lambda t: t.number)],
         }
     )

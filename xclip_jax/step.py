@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
 from xclip_jax import losses
 from xclip_jax.heads import init_head_params, make_heads
-from xclip_jax.metrics import retrieval_metrics_indexed
+from xclip_jax.metrics import DEFAULT_CHUNK_SIZE, ranks, summarise
 from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, static
 
 
@@ -134,6 +135,13 @@ def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: fl
     )
 
 
+def state_args(spec: TrainSpec, seed: int) -> tuple:
+    """``_fresh_state``'s arguments: the static spec, then the seed and the data fields as arrays."""
+    # numpy scalars: placing them on the device compiles nothing (jnp.asarray would, once per dtype)
+    return (spec.static(), np.uint32(seed), np.float32(spec.training.learning_rate),
+            np.float32(spec.training.weight_decay), np.float32(spec.loss.temperature), np.float32(spec.head.dropout))
+
+
 def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
     """A fresh train state: initialised heads, loss params, optimizer state, empty queue.
 
@@ -144,9 +152,7 @@ def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
       >>> spec = TrainSpec(HeadSpec("clip", 64, 128), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
       >>> state = create_train_state(spec, seed=0)
     """
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    return _fresh_state(spec.static(), jnp.asarray(seed, jnp.uint32), f32(spec.training.learning_rate),
-                        f32(spec.training.weight_decay), f32(spec.loss.temperature), f32(spec.head.dropout))
+    return _fresh_state(*state_args(spec, seed))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -237,7 +243,10 @@ def run_epoch(state: TrainState, data: DeviceData):
     batch_size = state.spec.batch_size
     steps = data.rows // batch_size
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
-    perm_SxB = jax.random.permutation(key, data.rows)[: steps * batch_size].reshape(steps, batch_size)
+    # One sort of random 32-bit keys (ties, ~rows²/2³³ pairs, keep their order): half the compile
+    # time and run time of jax.random.permutation's several sorting rounds.
+    perm = jnp.argsort(jax.random.bits(key, (data.rows,), jnp.uint32))
+    perm_SxB = perm[: steps * batch_size].reshape(steps, batch_size)
 
     def body(st, idx_B):
         return _train_step(st, _gather(data, idx_B))
@@ -275,35 +284,59 @@ def eval_loss(state: TrainState, data: DeviceData):
 # ----------------------------------------------------------------------------- evaluation
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "side"))
-def _encode_chunk(spec: TrainSpec, side: str, params, x):
+def _encode_rows(head, params, x_NxD, chunk_size: int):
+    """Apply ``head`` to every row, ``chunk_size`` rows at a time (a ``lax.map`` over padded chunks:
+    bounded memory, one program)."""
+    n = x_NxD.shape[0]
+    c = min(chunk_size, n)
+    k = -(-n // c)
+    x_KxCxD = jnp.pad(x_NxD, ((0, k * c - n), (0, 0))).reshape(k, c, x_NxD.shape[1])
+    z_KxCxO = jax.lax.map(lambda x: head.apply({"params": params}, x, train=False), x_KxCxD)
+    return z_KxCxO.reshape(k * c, -1)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "side", "chunk_size"))
+def _encode(spec: TrainSpec, side: str, params, x, chunk_size: int):
     image_head, text_head = _heads(spec)
-    head = image_head if side == "image" else text_head
-    return head.apply({"params": params}, x, train=False)
+    return _encode_rows(image_head if side == "image" else text_head, params, x, chunk_size)
 
 
 def encode(spec: TrainSpec, side: str, params, x, chunk_size: int = 8192) -> jax.Array:
-    """Project ``x`` with the ``side`` ("image"/"text") head, in fixed-size chunks (one compile)."""
-    n = x.shape[0]
-    chunk = min(chunk_size, n)
-    outs = []
-    for start in range(0, n, chunk):
-        part = x[start:start + chunk]
-        pad = chunk - part.shape[0]
-        if pad:
-            part = jnp.pad(part, ((0, pad), (0, 0)))
-        out = _encode_chunk(spec, side, params, part)
-        outs.append(out[: chunk - pad] if pad else out)
-    return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+    """Project ``x`` with the ``side`` ("image"/"text") head, in fixed-size chunks (one program)."""
+    return _encode(spec.static(), side, params, jnp.asarray(x, jnp.float32), chunk_size)
 
 
 def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
     """The heads' outputs for a device-resident set: (unique images [N, D], captions [T, D])."""
-    return (encode(spec, "image", params["image"], data.image_NxDi),
-            encode(spec, "text", params["text"], data.text_RxDt))
+    return encode(spec, "image", params["image"], data.image_NxDi), encode(spec, "text", params["text"], data.text_RxDt)
 
 
-def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
-    """Full retrieval metrics of the heads on a device-resident set (images de-duplicated)."""
-    zi, zt = project(params, spec, data)
-    return retrieval_metrics_indexed(zi, zt, data.row_image_R, ks=ks)
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size"))
+def _eval_program(spec: TrainSpec, params, data: DeviceData, chunk_size: int):
+    # The whole evaluation is one program: both projections and the retrieval ranks.
+    image_head, text_head = _heads(spec)
+    zi = _encode_rows(image_head, params["image"], data.image_NxDi, 8192)
+    zt = _encode_rows(text_head, params["text"], data.text_RxDt, 8192)
+    return ranks(zi, zt, data.row_image_R, min(chunk_size, data.image_NxDi.shape[0]))
+
+
+def run_eval(eval_fn, params, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
+    """The metrics dict of a compiled evaluation program (see ``Programs.eval_fn``).
+
+    Raises:
+      ValueError: the heads' outputs were not finite (diverged params).
+    """
+    i2t, t2i, images_ok, texts_ok = jax.device_get(eval_fn(params, data))
+    if not (images_ok and texts_ok):
+        raise ValueError("the heads' outputs are not finite (NaN or Inf params)")
+    return summarise(i2t, t2i, ks)
+
+
+def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50), chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+    """Full retrieval metrics of the heads on a device-resident set (images de-duplicated), computed
+    in one compiled program per shape.
+
+    Raises:
+      ValueError: the heads' outputs were not finite (diverged params).
+    """
+    return run_eval(functools.partial(_eval_program, spec.static(), chunk_size=chunk_size), params, data, ks)

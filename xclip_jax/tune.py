@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax.pool import Pool
@@ -44,6 +45,7 @@ class Driver:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = None
         self.numbers: dict[str, int] = {}  # running job (trial id) -> trial number
+        self.ran: list[int] = []  # ids of the trials this driver ran to their end
         self.host = host_name()
 
     # -- setup -------------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class Driver:
         check_owners(folders, cfg.study_name)
         existing = st.find_study(self.storage, cfg.study_name)
         if existing is not None:
-            st.check_space(existing, cfg)
+            space.check_space(existing, cfg)
         self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
@@ -73,7 +75,7 @@ class Driver:
             sets = data.load_sets(cfg.data, cfg.base_data_dir, splits=("train", "val"))
         train = sets["train"]
         self.dims, self.rows = (train.image_dim, train.text_dim), train.rows
-        skipped = st.check_combinations(cfg, self.rows, self.dims)
+        skipped = space.check_combinations(cfg, self.rows, self.dims)
         if skipped:
             print(f"warning: {skipped}", file=sys.stderr)
         # Every check passed: from here on things are stored.
@@ -84,7 +86,7 @@ class Driver:
         except Exception as e:
             raise UserError(f"storage {mask_secrets(cfg.storage)}: cannot open study {cfg.study_name!r} "
                             f"({str(e).splitlines()[0]}); check the storage URL") from None
-        st.store_space(self.study, cfg)
+        space.store_space(self.study, cfg)
         claim(folders, cfg.study_name)
         data.write_cache(sets, self.cache_dir)
         config_path = self.out / "tune_config.yaml"
@@ -97,7 +99,8 @@ class Driver:
         self.pool = Pool([sys.executable, "-m", "xclip_jax.runner", str(config_path), str(self.cache_dir)],
                          size=cfg.n_jobs, env=self._runner_env(), devices=cfg.devices,
                          memory_limit_bytes=int(cfg.trial_memory_limit_gb * 2**30) if cfg.trial_memory_limit_gb else None,
-                         job_timeout=cfg.trial_timeout)
+                         max_jobs=cfg.runner_max_trials, job_timeout=cfg.trial_timeout,
+                         max_rss_bytes=int(cfg.runner_max_memory_gb * 2**30) if cfg.runner_max_memory_gb else None)
 
     def _runner_env(self) -> dict:
         env = dict(os.environ)
@@ -139,9 +142,13 @@ class Driver:
         lines = []
         for event in events:
             tid, number = int(event.job), self.numbers.pop(event.job)
+            self.ran.append(tid)
             if event.kind == "lost" and self.storage.get_trial(tid).state == TrialState.RUNNING:
                 cause = disk_full(event.reason) or disk_full(_tail(event.log_path))
-                if cause:  # not the trial's fault: run its parameters again, start no more
+                if not event.started:  # queued behind a trial that took its runner down: never ran
+                    st.fail_trial(self.study, self.storage, tid, f"{event.reason}; its parameters run again",
+                                  retry="always")
+                elif cause:  # not the trial's fault: run its parameters again, start no more
                     reason = event.reason if cause in event.reason else f"{cause} ({event.reason})"
                     st.fail_trial(self.study, self.storage, tid, reason, retry="always")
                     self._halt_for_disk(number, reason)
@@ -243,20 +250,30 @@ class Driver:
     def _finish(self, start: float, interrupted: bool) -> dict:
         from xclip_jax.report import write_outputs
 
+        wall = time.time() - start
+        throughput = st.record_throughput(self.study, [self.storage.get_trial(t) for t in self.ran], self.cfg.n_jobs,
+                                          wall)
         try:
             outputs = write_outputs(self.study, self.cfg)
         except OSError as e:
             if not (self.halt and disk_full(str(e))):
                 raise
             outputs = {}  # the disk is full: the next run writes them
-        return {"interrupted": interrupted, "counts": st.counts(self.study), "wall_seconds": time.time() - start,
-                "outputs": outputs, "halt": self.halt}
+        return {"interrupted": interrupted, "counts": st.counts(self.study), "wall_seconds": wall,
+                "outputs": outputs, "halt": self.halt, "throughput": throughput}
 
     def _best(self) -> str:
         try:
             return f"{self.study.best_value:.4f}"
         except ValueError:
             return "-"
+
+
+def throughput_line(t: dict) -> str:
+    """Where this run's time went: the useful fraction and what the rest was spent on."""
+    return (f"useful fraction {t['useful_fraction']:.2f} (training {t['train_seconds']:.0f} s of {t['n_jobs']} x "
+            f"{t['wall_seconds']:.0f} s; start-up {t['startup_seconds']:.0f} s, compile {t['compile_seconds']:.0f} s, "
+            f"evaluation {t['eval_seconds']:.0f} s over {t['trials']} trials)")
 
 
 def _tail(path) -> str:
@@ -347,6 +364,8 @@ def main(argv=None):
     requeued = f" ({c['retried']} of them re-queued: interrupted, stale or disk full)" if c["retried"] else ""
     print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {failed} failed{requeued} "
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
+    if result["throughput"]["trials"]:
+        print(throughput_line(result["throughput"]))
     if result["halt"]:
         raise UserError(result["halt"])
     return 130 if result["interrupted"] else 0

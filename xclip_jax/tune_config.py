@@ -86,6 +86,12 @@ class SamplerConfig:
         _check(self.type in ("tpe", "random"), f"sampler type must be tpe or random, got {self.type!r}")
 
 
+# A trial runner runs this many trials, then a fresh one replaces it (and earlier, when its resident
+# memory is over RUNNER_MAX_MEMORY_GB after a trial); see benchmarks/RESULTS.md for the measurements.
+RUNNER_MAX_TRIALS = 50
+RUNNER_MAX_MEMORY_GB = 16.0
+
+
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
     """A tuning study (the original's optuna YAML plus sampler, output_dir, fixed, devices)."""
@@ -112,9 +118,15 @@ class TuneConfig:
     grace_period: int = 60
     trial_timeout: float | None = None
     trial_memory_limit_gb: float | None = None
+    runner_max_trials: int = RUNNER_MAX_TRIALS
+    runner_max_memory_gb: float | None = RUNNER_MAX_MEMORY_GB
+    compile_ahead: bool | None = None
 
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
+        _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
+        _check(self.runner_max_memory_gb is None or self.runner_max_memory_gb > 0,
+               "runner_max_memory_gb must be > 0 or null")
         _check(self.n_trials >= 1, "n_trials must be >= 1")
         _check(self.n_jobs >= 1, "n_jobs must be >= 1")
         _check(self.max_epochs >= 1, "max_epochs must be >= 1")

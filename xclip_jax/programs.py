@@ -1,0 +1,131 @@
+"""The compiled programs of training, compiled ahead of time, keyed on static shapes only, and kept.
+
+A warm trial runner keeps one :class:`Programs` for all its trials, so a trial whose shapes it has
+seen compiles nothing, and it can compile its next trial's programs in another thread while the
+current one trains. The training CLI uses one too (it compiles the same four programs).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+
+from xclip_jax.metrics import DEFAULT_CHUNK_SIZE
+from xclip_jax.step import DeviceData, TrainSpec, TrainState, _eval_program, _fresh_state, run_epoch, state_args
+
+_copy_params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+# What a program that runs briefly (state init, the evaluation, a params copy) is compiled with on a
+# CPU: most of XLA's optimisations off. They cost a third of its compile time and little of its run
+# time; the epoch program, which runs for the whole trial, keeps them (see benchmarks/RESULTS.md).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _abstract(tree):
+    """Shapes and dtypes (weak types too) of arrays or ShapeDtypeStructs: what a program is keyed on."""
+    return jax.eval_shape(lambda t: t, tree)
+
+
+def _shape_key(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(_abstract(tree))
+    return treedef, tuple((x.shape, str(x.dtype), x.weak_type) for x in leaves)
+
+
+class Programs:
+    """The compiled programs of training (state init, epoch, evaluation, params copy), compiled ahead
+    of time, keyed on static shapes only, and kept: a warm trial runner compiles nothing for a trial
+    whose shapes it has seen. Safe to fill from another thread (a runner compiles its next trial's
+    programs while the current one trains); counts what it compiled and what came from JAX's
+    persistent cache.
+    """
+
+    def __init__(self, fast_compile: bool | None = None):
+
+        from jax import monitoring
+
+        self._compiled: dict = {}
+        self._pending: dict = {}
+        self._lock = threading.Lock()
+        # Per thread: a runner's main thread trains one trial while another thread compiles the next.
+        self._counts = threading.local()
+        self.fast_compile = jax.default_backend() == "cpu" if fast_compile is None else fast_compile
+        monitoring.register_event_listener(self._on_event)
+
+    def _count(self, compiled=0, hits=0, seconds=0.0) -> None:
+        c = self._counts
+        c.compiled, c.hits, c.seconds = (getattr(c, "compiled", 0) + compiled, getattr(c, "hits", 0) + hits,
+                                         getattr(c, "seconds", 0.0) + seconds)
+
+    def _on_event(self, event: str, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            self._count(hits=1)
+
+    def counters(self) -> tuple[int, int, float]:
+        """This thread's (programs compiled, persistent-cache hits among them, seconds compiling):
+        diff two of these."""
+        self._count()
+        c = self._counts
+        return c.compiled, c.hits, c.seconds
+
+    def _get(self, key, lower, fast: bool):
+
+        with self._lock:
+            if key in self._compiled:
+                return self._compiled[key]
+            event = self._pending.get(key)
+            owner = event is None
+            if owner:
+                event = self._pending[key] = threading.Event()
+        if not owner:  # another thread compiles it right now
+            event.wait()
+            return self._compiled[key]
+        try:
+            t0 = time.perf_counter()
+            options = FAST_COMPILE if fast and self.fast_compile else None
+            compiled = lower().compile(compiler_options=options)
+            with self._lock:
+                self._compiled[key] = compiled
+            self._count(compiled=1, seconds=time.perf_counter() - t0)
+            return compiled
+        finally:
+            with self._lock:
+                del self._pending[key]
+            event.set()
+
+    def init_fn(self, spec: TrainSpec):
+        """The state-init program of ``spec``: ``init_fn(*state_args(spec, seed)[1:])`` is
+        ``create_train_state(spec, seed)``."""
+        static_spec = spec.static()
+        return self._get(("init", static_spec), lambda: _fresh_state.lower(*state_args(spec, 0)), fast=True)
+
+    def init(self, spec: TrainSpec, seed: int) -> TrainState:
+        """``create_train_state(spec, seed)`` with a kept program."""
+        return self.init_fn(spec)(*state_args(spec, seed)[1:])
+
+    def epoch_fn(self, state: TrainState, data: DeviceData):
+        """``run_epoch`` compiled for these shapes (``state`` may be abstract)."""
+        key = ("epoch", state.spec, _shape_key((state, data)))
+        return self._get(key, lambda: run_epoch.lower(_abstract(state), _abstract(data)), fast=False)
+
+    def eval_fn(self, spec: TrainSpec, params, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        """The evaluation program (``params`` may be abstract); run it with :func:`run_eval`."""
+        spec = spec.static()
+        return self._get(("eval", spec, chunk_size, _shape_key((params, data))),
+                         lambda: _eval_program.lower(spec, _abstract(params), _abstract(data), chunk_size), fast=True)
+
+    def copy_fn(self, params):
+        """A program that copies ``params`` (safe from the next epoch's donation)."""
+        return self._get(("copy", _shape_key(params)), lambda: _copy_params.lower(_abstract(params)), fast=True)
+
+    def prepare(self, spec: TrainSpec, data: DeviceData, val_data: DeviceData) -> None:
+        """Compile every program a trial of ``spec`` on these sets needs, without running any: what a
+        runner does for its next trial while the current one trains."""
+        args = state_args(spec, 0)
+        self.init_fn(spec)
+        state = jax.eval_shape(lambda *a: _fresh_state(args[0], *a), *args[1:])
+        self.epoch_fn(state, data)
+        self.eval_fn(spec, state.params, val_data)
+        self.copy_fn(state.params)

@@ -1,0 +1,173 @@
+"""The search space: sampling its active parameters (the original's conditions, or a config's
+``when``), every choice checked against the data and the other choices before a study is stored,
+and the space a study stored checked against the config's."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+
+import optuna
+
+from xclip_jax.errors import UserError
+from xclip_jax.spec import fit_problems
+from xclip_jax.tune_config import PARAM_PATHS, SECTION_TYPES, ParamSpace, TuneConfig, condition, trial_config
+
+SPACE_ATTR = "xclip_search_space"
+SKIPPED_ATTR = "xclip_skipped"  # a sampled combination that can't run: told PRUNED at once, not counted
+log = logging.getLogger("xclip_jax.tune")
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def suggest(trial: optuna.Trial, name: str, space: ParamSpace):
+    """Ask the trial for one parameter of the search space."""
+    if space.type == "categorical":
+        return trial.suggest_categorical(name, list(space.choices))
+    if space.type == "int":
+        return trial.suggest_int(name, int(space.low), int(space.high), step=int(space.step or 1), log=space.log)
+    return trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
+
+
+def _value_of(name: str, params: dict, cfg: TuneConfig):
+    """A parameter's value in a trial: sampled, else fixed, else the training config's default."""
+    if name in params:
+        return params[name]
+    if name in cfg.fixed:
+        return cfg.fixed[name]
+    section, key = PARAM_PATHS[name]
+    return getattr(SECTION_TYPES[section](), key)
+
+
+def _walk(cfg: TuneConfig, pick) -> dict:
+    """Every active parameter (one whose condition holds given those picked before it), in an order
+    where conditions come first, each value from ``pick(name, space)``."""
+    params: dict = {}
+    pending = dict(cfg.search_space)
+    while pending:
+        progressed = False
+        for name, space in list(pending.items()):
+            cond = condition(name, space) or {}
+            if any(dep in pending for dep in cond):
+                continue  # its condition depends on a parameter not sampled yet
+            del pending[name]
+            progressed = True
+            if all(_value_of(dep, params, cfg) in allowed for dep, allowed in cond.items()):
+                params[name] = pick(name, space)
+        if not progressed:
+            raise UserError(f"search_space: circular `when` conditions among {', '.join(pending)}; break the cycle")
+    return params
+
+
+def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
+    """Suggest every active parameter: one whose condition holds given those sampled before it."""
+    return _walk(cfg, lambda name, space: suggest(trial, name, space))
+
+
+# ----------------------------------------------------------------------------- combinations vs the data
+
+# The parameters that ``spec.fit_problems`` reads: their combinations (with the data) can make a
+# trial impossible or pointless.
+_CONSTRAINED = ("head_type", "num_heads", "loss_type", "queue_size", "batch_size")
+
+
+def combination_problem(values: dict, cfg: TuneConfig, dims: tuple[int, int], rows: int) -> str | None:
+    """Why one trial's parameters can't run (or shouldn't) on data of input ``dims`` and ``rows``, or
+    None: the first error or warning of ``spec.fit_problems``, the rules the training CLI applies."""
+    tc = trial_config(cfg, values)
+    errors, warnings = fit_problems(tc.model, tc.loss, tc.training, image_dim=dims[0], text_dim=dims[1], rows=rows)
+    return next(iter(errors + warnings), None)
+
+
+def _values(space: ParamSpace) -> list:
+    if space.type == "categorical":
+        return list(space.choices)
+    if space.type == "int" and (space.high - space.low) / (space.step or 1) <= 256:
+        return list(range(int(space.low), int(space.high) + 1, int(space.step or 1)))
+    return [space.low, space.high]
+
+
+def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str | None:
+    """Check every choice against the data and the other choices, before anything is stored.
+
+    A choice that no combination can run with (a batch larger than the data, num_heads that
+    divides no input dim) is an error naming it and the fix; combinations that only some draws hit
+    (a queue smaller than the batch) are skipped when sampled, and the returned warning says which.
+    """
+    involved = [n for n in cfg.search_space if n in _CONSTRAINED]
+    for name in list(involved):  # with the parameters their conditions read
+        involved += [d for d in (condition(name, cfg.search_space[name]) or {})
+                     if d in cfg.search_space and d not in involved]
+    combos = {}
+    for picked in itertools.product(*(_values(cfg.search_space[n]) for n in involved)):
+        full = dict(zip(involved, picked))
+        active = {n: v for n, v in _walk(cfg, lambda name, _: full.get(name)).items() if n in full}
+        combos[tuple(sorted(active.items(), key=str))] = combination_problem(active, cfg, dims, rows)
+    if all(combos.values()):
+        example = next(iter(combos.values()))
+        raise UserError(f"search_space: no combination of the choices can run on this data ({example}); "
+                        "change the choices or fixed values")
+    for name in involved:
+        for choice in _values(cfg.search_space[name]):
+            hits = [problem for combo, problem in combos.items() if (name, choice) in combo]
+            if hits and all(hits):
+                raise UserError(f"search_space.{name}: choice {choice!r} can never run here ({hits[0]}); "
+                                "remove it")
+    skipped = sorted({p for p in combos.values() if p})
+    if not skipped:
+        return None
+    return (f"search_space: {sum(map(bool, combos.values()))} of {len(combos)} combinations are skipped when "
+            f"sampled ({'; '.join(skipped[:3])}{' …' if len(skipped) > 3 else ''})")
+
+
+def space_record(cfg: TuneConfig) -> dict:
+    return {name: dataclasses.asdict(space) for name, space in cfg.search_space.items()}
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=list))
+
+
+def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
+    """Refuse a search space that changed under an existing study name (reads only).
+
+    A categorical parameter whose choices changed, or a parameter whose type changed, cannot
+    continue (Optuna can't compare its trials); a changed numeric range is allowed with a warning.
+    A study with no finished or running trial may change its space freely.
+    """
+    old = study.user_attrs.get(SPACE_ATTR)
+    if old is None or not _has_trials(study):
+        return
+    new = _jsonable(space_record(cfg))
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        fix = f"use a new study_name or revert search_space.{name}"
+        if a["type"] != b["type"]:
+            raise UserError(f"search space changed for study {study.study_name!r}: {name} was {a['type']}, "
+                            f"config says {b['type']}; {fix}")
+        if a["type"] == "categorical" and a["choices"] != b["choices"]:
+            raise UserError(f"search space changed for study {study.study_name!r}: {name} choices were "
+                            f"{a['choices']}, config has {b['choices']}; {fix}")
+        if a != b:
+            log.warning("search space of %s changed (%s → %s); continuing the study", name, a, b)
+
+
+def store_space(study: optuna.Study, cfg: TuneConfig) -> None:
+    """Record the search space with the study (after ``check_space`` passed): a new study's, or the
+    new space of a study that has no trials yet."""
+    if SPACE_ATTR not in study.user_attrs or not _has_trials(study):
+        study.set_user_attr(SPACE_ATTR, _jsonable(space_record(cfg)))
+
+
+def _has_trials(study: optuna.Study) -> bool:
+    """Whether the study has a trial that ran or runs (draws skipped as unrunnable do not count)."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    return any(SKIPPED_ATTR not in t.system_attrs and not t.system_attrs.get("xclip_surplus")
+               for t in study.get_trials(deepcopy=False, states=states))
+
+
