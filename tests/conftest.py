@@ -59,6 +59,7 @@ TUNE = textwrap.dedent("""\
     final_epochs: 2
     heartbeat_interval: 1
     grace_period: 5
+    baselines: false
 """)
 
 

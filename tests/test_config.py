@@ -166,6 +166,7 @@ FIELD_CASES = {
     ("training", "dtype"): ("bfloat16", {}),
     # data: they travel in the train state, or steer the fit loop
     ("model", "dropout"): (0.3, {}), ("loss", "temperature"): (0.02, {}),
+    ("model", "init"): ("cca", {"model": {"type": "linear"}}),
     ("training", "learning_rate"): (0.005, {}), ("training", "weight_decay"): (0.02, {}),
     ("training", "num_epochs"): (3, {}), ("training", "patience"): (2, {}),
 }
@@ -227,6 +228,14 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
         with pytest.raises(RuntimeError, match="stop here"):
             train.run_training(cfg, tmp_path / "out", progress=False)
         assert seen[key] == value
+        return
+    if key == "init":  # it reaches the state's starting params (from the training set's CCA)
+        starts = [train.with_head_init(st, [c.model], data.synthetic_splits(40, 2, 8, 12, val_images=8,
+                                                                             test_images=4)["train"])
+                  for st, c in zip(states, (default_cfg, cfg))]
+        kernel = [np.asarray(st.params["image"]["Dense_0"]["kernel"]) for st in starts]
+        assert np.array_equal(kernel[0], np.asarray(states[0].params["image"]["Dense_0"]["kernel"]))
+        assert not np.allclose(kernel[0], kernel[1])
         return
     read = {"dropout": lambda s: s.dropout, "temperature": lambda s: np.exp(-s.params["loss"]["log_scale"]),
             "learning_rate": lambda s: s.opt_state[1].hyperparams["learning_rate"],

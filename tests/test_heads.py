@@ -36,6 +36,8 @@ def ref_dense(x, p):
 
 
 def ref_head(kind, p, x, num_heads=4, num_layers=2):
+    if kind == "linear":
+        return ref_l2(ref_dense(x, p["Dense_0"]))
     if kind == "siglip":
         return ref_l2(ref_dense(ref_ln(x, p["LayerNorm_0"]), p["Dense_0"]))
     if kind in ("clip", "mlp"):
@@ -62,7 +64,7 @@ def ref_mha_one_token(x, blk, num_heads, rng):
     return ref_dense((weights @ v).reshape(b, d), blk["out_proj"])
 
 
-@pytest.mark.parametrize("kind", ["siglip", "clip", "mlp", "attention"])
+@pytest.mark.parametrize("kind", ["siglip", "clip", "mlp", "attention", "linear"])
 def test_head_forward_matches_reference(kind):
     spec = HeadSpec(kind, OUT, HID, dropout=0.3, num_heads=4, num_layers=2)
     head = make_head(spec, IN)

@@ -14,9 +14,9 @@ LAYERS = [
     {"errors", "spec", "ids", "losses"},                                 # the core's plain parts
     {"heads", "metrics"},                                                # the core
     {"config", "data", "figures", "storage", "runtime", "pool"},             # edges, I/O, processes
-    {"tune_config", "step"},                                             # tuning config; the training step
+    {"tune_config", "step", "baselines"},                                # tuning config; the training step; baselines
     {"checkpoint", "programs", "space", "study", "study_plots"},         # checkpoints, kept programs; the study policy
-    {"evaluate", "report"},                                              # a run's evaluation; a study's outputs
+    {"evaluate", "fit", "report"},                                       # a run's evaluation, the fit loop; a study's outputs
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver
 ]

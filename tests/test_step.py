@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from xclip_jax import data, train_step
+from xclip_jax.fit import fit
 from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
 from xclip_jax.step import (
     TrainSpec,
@@ -16,7 +17,6 @@ from xclip_jax.step import (
     run_epoch,
     to_device,
 )
-from xclip_jax.train import fit
 
 DI, DT = 32, 48
 
@@ -169,3 +169,24 @@ def test_sigmoid_bias_learns_where_the_original_collapses():
                        progress=False)[1].best_r1
     assert r1[True] > 20 * chance, r1  # measured 0.236 (47x chance)
     assert r1[False] < 3 * chance, r1  # measured 0.007
+
+
+@pytest.mark.parametrize("head,loss", [
+    ("siglip", "sigmoid_infonce"), ("clip", "softmax_infonce"), ("mlp", "queue_infonce"), ("attention", "softmax_infonce"),
+])
+def test_a_bundle_epoch_is_each_member_alone(sets, head, loss):
+    """Three members of one shape in one vmapped epoch: each ends where its own run_epoch ends (its
+    own shuffle, dropout, optimizer state, queue); a member marked inactive does not move."""
+    from xclip_jax.step import create_bundle_state, run_bundle_epoch
+
+    d = to_device(sets["train"])
+    specs = [_spec(head, loss, dropout=0.1, lr=lr, temperature=t) for lr, t in ((2e-3, 0.05), (5e-3, 0.1), (1e-3, 0.07))]
+    bundle = create_bundle_state(specs, [0, 1, 2])
+    bundle, metrics = run_bundle_epoch(bundle, d, np.array([True, False, True]))
+    for i in (0, 2):
+        alone, m = run_epoch(create_train_state(specs[i], seed=i), d)
+        np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=2e-5)
+        jax.tree.map(lambda b, a: np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-6), bundle.params, alone.params)
+    frozen = create_train_state(specs[1], seed=1)
+    jax.tree.map(lambda b, a: np.testing.assert_array_equal(b[1], a), bundle.params, frozen.params)
+    assert int(bundle.step[1]) == 0 and int(bundle.step[0]) == d.rows // 256

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from xclip_jax import checkpoint, data, train
+from xclip_jax import checkpoint, data, fit, train
 from xclip_jax.config import load_train_config
 from xclip_jax.evaluate import evaluate_checkpoint
 from xclip_jax.metrics import retrieval_metrics_indexed
-from xclip_jax.step import encode
+from xclip_jax.step import encode, to_device
 
 CONFIG = textwrap.dedent("""\
     experiment_name: tiny
@@ -280,3 +280,46 @@ def test_diverged_loss_is_a_clear_error(tmp_path, capsys):
         cli(train.main)([str(path), "--no-progress"])
     assert e.value.code == 2
     assert "not finite" in capsys.readouterr().err
+
+
+def _prune_at(epoch):
+    def hook(record, fs, state):
+        return "pruned" if record["epoch"] == epoch else None
+
+    return hook
+
+
+@pytest.mark.parametrize("head,loss", [("siglip", "sigmoid_infonce"), ("clip", "softmax_infonce"),
+                                       ("mlp", "queue_infonce"), ("attention", "softmax_infonce")])
+def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
+    """fit_bundle against fit, member by member (same seeds): the same intermediate values to float32
+    tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
+    diverged while the others go on."""
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+    from xclip_jax.step import TrainSpec, create_bundle_state, create_train_state
+
+    sets = data.synthetic_splits(n_images=400, captions_per_image=5, image_dim=24, text_dim=40, val_images=80,
+                                 test_images=10, noise=0.5, seed=0)
+    train_d, val_d = to_device(sets["train"]), to_device(sets["val"])
+
+    def spec(lr, temperature, dropout):
+        return TrainSpec(HeadSpec(head, 16, 32, dropout, 4, 1), LossSpec(loss, temperature, queue_size=256),
+                         TrainingSpec(batch_size=128, learning_rate=lr), 24, 40)
+
+    specs = [spec(3e-3, 0.05, 0.1), spec(1e-2, 0.1, 0.0), spec(1e38, 0.07, 0.2), spec(1e-3, 0.2, 0.3)]
+    hooks = [(), (_prune_at(1),), (), ()]
+    _, bundled = fit.fit_bundle(create_bundle_state(specs, [0, 1, 2, 3]), train_d, val_d, num_epochs=3, patience=3,
+                                  hooks=hooks, ks=(1, 5))
+    assert bundled[1].stopped == "pruned" and [h["epoch"] for h in bundled[1].history] == [0, 1]
+    assert bundled[2].stopped.startswith("diverged") and not bundled[2].history
+    for i in (0, 1, 3):
+        _, alone = fit.fit(create_train_state(specs[i], seed=i), train_d, val_d, num_epochs=3, patience=3,
+                             hooks=hooks[i], ks=(1, 5), progress=False)
+        assert [h["epoch"] for h in bundled[i].history] == [h["epoch"] for h in alone.history]
+        np.testing.assert_allclose([h["train_loss"] for h in bundled[i].history],
+                                   [h["train_loss"] for h in alone.history], rtol=1e-4)
+        np.testing.assert_allclose([h["val_r1"] for h in bundled[i].history], [h["val_r1"] for h in alone.history],
+                                   atol=0.02)
+        assert bundled[i].best_epoch == alone.best_epoch or abs(bundled[i].best_r1 - alone.best_r1) < 0.02
+        jax.tree.map(lambda b, a: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4), bundled[i].best_params,
+                     jax.device_get(alone.best_params))

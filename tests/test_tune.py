@@ -40,7 +40,7 @@ def _kill_one_early_trial(tmp):
 def study_run(tmp_path_factory):
     """One study: n_jobs=2, one trial SIGKILLed mid-trial; then resumed to a larger n_trials."""
     tmp = tmp_path_factory.mktemp("tune")
-    cfg_path = write(tmp, n_trials=6)
+    cfg_path = write(tmp, n_trials=6, baselines=True)
     proc = driver(tmp, cfg_path)
     victim = wait_for(lambda: _kill_one_early_trial(tmp), what="a running trial to kill")
     out, _ = proc.communicate(timeout=600)
@@ -71,6 +71,7 @@ def test_trials_run_in_warm_runner_processes(study_run):
 
 def test_killed_trial_is_fail_and_the_study_goes_on(study_run):
     _, _, victim, out, first, _ = study_run
+    assert " over " in out and "best trial " in out  # e.g. best trial 0.531, +0.052 over CCA-16 (0.479)
     t = first[victim]
     assert t.state == TrialState.FAIL
     assert "SIGKILL" in t.user_attrs["fail_reason"]
@@ -114,6 +115,15 @@ def test_outputs_exist_and_parse(study_run):
     assert isinstance(json.loads((res / "importances.json").read_text()), dict)
     assert (res / "plots" / "optimization_history.html").stat().st_size > 1000
     assert (res / "plots" / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+    # the closed-form baselines, computed once for the study: in the summary, the results, the plot
+    names = [b["name"] for b in summary["baselines"]]
+    assert names[:2] == ["ridge t→i", "ridge i→t"] and any(n.startswith("CCA-") for n in names)
+    assert all(b["val"]["r1"] > 0 and b["test"]["r1"] > 0 for b in summary["baselines"])
+    top = max(summary["baselines"], key=lambda b: b["val"]["r1"])
+    assert best["best_baseline"] == top["name"]
+    assert best["over_best_baseline"] == pytest.approx(best["best_value"] - top["val"]["r1"])
+    assert top["name"] in (res / "plots" / "optimization_history.html").read_text()
+    assert list((Path(tmp) / "results" / "data_cache").glob("*/baselines.json"))
     ckpt = Path(best["checkpoint"])
     assert (ckpt / "cfg.yaml").exists()
     from xclip_jax.checkpoint import restore
@@ -230,3 +240,39 @@ def test_one_process_per_trial_is_one_config_key(tmp_path):
     trials = load(tmp_path).get_trials()
     assert len({t.user_attrs["pid"] for t in trials}) == 3
     assert all(t.user_attrs["runner_trial"] == 0 for t in trials)
+
+
+def test_batched_trials_each_their_own_optuna_trial(tmp_path):
+    """batch_trials 3: a lead and two companions with the lead's structural parameters and their own
+    learning rates train in one program; each is its own trial (number, params, values, attributes
+    with bundle = the lead's number); a SIGKILLed runner fails every member of its bundle."""
+    cfg_path = write(tmp_path, n_trials=6, n_jobs=1, batch_trials=3, max_epochs=3, pruner={"type": "NopPruner"},
+                     compile_ahead=False)  # no bundle queued behind the killed one
+    proc = driver(tmp_path, cfg_path)
+
+    def bundle_running():
+        running = running_with_pid(tmp_path, 3)
+        if running and all(not t.intermediate_values for t in running) and len({t.user_attrs.get("bundle")
+                                                                                 for t in running}) == 1:
+            os.kill(running[0].user_attrs["pid"], signal.SIGKILL)
+            return running
+        return None
+
+    killed = wait_for(bundle_running, timeout=240, what="a bundle of three running")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    trials = {t.number: t for t in load(tmp_path).get_trials()}
+    for t in killed:
+        assert trials[t.number].state == TrialState.FAIL and "SIGKILL" in trials[t.number].user_attrs["fail_reason"]
+    done = [t for t in trials.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    bundles = {}
+    for t in done:
+        bundles.setdefault(t.user_attrs.get("bundle", t.number), []).append(t)  # a lead alone has no bundle
+    assert any(len(members) == 3 for members in bundles.values())
+    for lead, members in bundles.items():
+        assert lead in {m.number for m in members}
+        structural = [{k: v for k, v in m.params.items() if k != "learning_rate"} for m in members]
+        assert all(s == structural[0] for s in structural)
+        assert len({m.params["learning_rate"] for m in members}) == len(members)
+        assert len({m.user_attrs["pid"] for m in members}) == 1
+        assert all(m.user_attrs.get("bundle_size", 1) in (len(members), 3) for m in members)

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+from tests.conftest import write
 from tests.test_config import ORIGINAL_FULL, ROOT, _bad  # noqa: F401  (the shared training-config fixtures)
 from xclip_jax.config import ConfigError, TrainConfig, dump_yaml, load_train_config
 from xclip_jax.tune_config import TuneConfig, load_tune_config, trial_config
@@ -95,3 +96,28 @@ def test_a_config_without_data_is_refused_not_synthetic(tmp_path, section):
         (load_tune_config if section == "tuning" else load_train_config)(path)
     msg = str(e.value)
     assert "no `data:` section" in msg and "synthetic: {}" in msg and "\n" not in msg
+
+
+def test_best_config_trains_on_the_full_set_whatever_the_extensions(tmp_path):
+    """A tuning config naming the original's .pt files, data made by `data split` (.npy): the final run
+    reads the full train_* set, not the tuning subset; without a full set it says so."""
+    from xclip_jax import data
+    from xclip_jax.tune_config import full_training_files
+
+    d = tmp_path / "data"
+    img, txt, ids = data.synthesize(20, 2, 4, 6, seed=0)
+    for name in ("train_tuning", "train"):
+        data.write_embedding_set(d, name, img, txt, ids)
+    names = {f"train_{p}": f"train_tuning_{p}.{'json' if p == 'metadata' else 'pt'}"
+             for p in ("image_embeddings", "text_embeddings", "metadata")}
+    names.update({f"val_{p}": f"train_{p}.{'json' if p == 'metadata' else 'pt'}"
+                  for p in ("image_embeddings", "text_embeddings", "metadata")})
+    cfg = load_tune_config(write(tmp_path, base_data_dir=str(d), data=names))
+    changes, warning = full_training_files(cfg)
+    assert warning is None and changes == {"train_image_embeddings": "train_image_embeddings.npy",
+                                           "train_text_embeddings": "train_text_embeddings.npy",
+                                           "train_metadata": "train_metadata.json"}
+    for f in d.glob("train_image_embeddings.*"):
+        f.unlink()
+    changes, warning = full_training_files(cfg)
+    assert changes == {} and "tuning subset" in warning and "data split" in warning

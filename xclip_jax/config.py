@@ -52,10 +52,13 @@ class SyntheticData:
     test_images: int = 500
     noise: float | None = None
     seed: int = 0
+    nonlinearity: float | None = None  # the generator's default (1.5) when null
+    latent_dim: int = 64
 
     def __post_init__(self):
-        for name in ("images", "captions", "image_dim", "text_dim", "val_images", "test_images"):
+        for name in ("images", "captions", "image_dim", "text_dim", "val_images", "test_images", "latent_dim"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
+        _check(self.nonlinearity is None or self.nonlinearity > 0, "nonlinearity must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

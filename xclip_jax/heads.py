@@ -151,6 +151,21 @@ class AttentionHead(nn.Module):
         return l2_normalize(x)
 
 
+class LinearHead(nn.Module):
+    """Linear(in→out) → L2: one projection per modality, no hidden layer (what ``init: cca`` can start
+    at the CCA solution)."""
+
+    spec: HeadSpec
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, dropout_rate=None):
+        rate = self.spec.dropout if dropout_rate is None else dropout_rate
+        x = dropout(self, x, rate, train)
+        x = torch_linear(self.spec.output_dim, x.shape[-1], dtype=jnp.dtype(self.dtype))(x)
+        return l2_normalize(x)
+
+
 def make_head(spec: HeadSpec, in_dim: int, dtype: str = "float32") -> nn.Module:
     """Build one head for inputs of ``in_dim`` dims, its matmuls in ``dtype``; raises ValueError on an
     impossible spec."""
@@ -166,6 +181,8 @@ def make_head(spec: HeadSpec, in_dim: int, dtype: str = "float32") -> nn.Module:
         return ClipHead(spec, dtype)
     if spec.type == "mlp":
         return ClipHead(spec, dtype, final_norm=True)
+    if spec.type == "linear":
+        return LinearHead(spec, dtype)
     return AttentionHead(spec, dtype)
 
 

@@ -14,7 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from xclip_jax.metrics import DEFAULT_CHUNK_SIZE
-from xclip_jax.step import DeviceData, TrainSpec, TrainState, _eval_program, _fresh_state, run_epoch, state_args
+from xclip_jax.step import (
+    DeviceData,
+    TrainSpec,
+    TrainState,
+    _bundle_eval_program,
+    _eval_program,
+    _fresh_bundle,
+    _fresh_state,
+    bundle_args,
+    run_bundle_epoch,
+    run_epoch,
+    state_args,
+)
 
 _copy_params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
@@ -120,12 +132,55 @@ class Programs:
         """A program that copies ``params`` (safe from the next epoch's donation)."""
         return self._get(("copy", _shape_key(params)), lambda: _copy_params.lower(_abstract(params)), fast=True)
 
-    def prepare(self, spec: TrainSpec, data: DeviceData, val_data: DeviceData) -> None:
-        """Compile every program a trial of ``spec`` on these sets needs, without running any: what a
-        runner does for its next trial while the current one trains."""
+    # -- bundles: K same-shape trials in one program (a leading member axis) ----------------
+
+    def bundle_init_fn(self, spec: TrainSpec, size: int):
+        """The init program of a bundle of ``size`` members of ``spec``'s shapes."""
+        return self._get(("bundle_init", spec.static(), size),
+                         lambda: _fresh_bundle.lower(*bundle_args([spec] * size, range(size))), fast=True)
+
+    def bundle_epoch_fn(self, states: TrainState, data: DeviceData):
+        """``run_bundle_epoch`` compiled for these shapes (``states`` may be abstract)."""
+        size = jax.tree.leaves(states)[0].shape[0]
+        key = ("bundle_epoch", states.spec, _shape_key((states, data)))
+        return self._get(key, lambda: run_bundle_epoch.lower(_abstract(states), _abstract(data),
+                                                             jax.ShapeDtypeStruct((size,), bool)), fast=False)
+
+    def bundle_eval_fn(self, spec: TrainSpec, params_K, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        """The evaluation of every member at once; run it with ``step.run_bundle_eval``."""
+        spec = spec.static()
+        return self._get(("bundle_eval", spec, chunk_size, _shape_key((params_K, data))),
+                         lambda: _bundle_eval_program.lower(spec, _abstract(params_K), _abstract(data), chunk_size),
+                         fast=True)
+
+    def keep_best_fn(self, params_K):
+        """``keep_best(best_K, params_K, improved_K)``: each member's best params so far."""
+        size = jax.tree.leaves(params_K)[0].shape[0]
+        return self._get(("keep_best", _shape_key(params_K)),
+                         lambda: _keep_best.lower(_abstract(params_K), _abstract(params_K),
+                                                  jax.ShapeDtypeStruct((size,), bool)), fast=True)
+
+    def prepare(self, spec: TrainSpec, data: DeviceData, val_data: DeviceData, size: int = 1) -> None:
+        """Compile every program a trial (``size`` 1) or a bundle of ``spec`` on these sets needs,
+        without running any: what a runner does for its next job while the current one trains."""
+        if size > 1:
+            self.bundle_init_fn(spec, size)
+            states = jax.eval_shape(lambda *a: _fresh_bundle(spec.static(), *a),
+                                    *bundle_args([spec] * size, range(size))[1:])
+            self.bundle_epoch_fn(states, data)
+            self.bundle_eval_fn(spec, states.params, val_data)
+            self.keep_best_fn(states.params)
+            return
         args = state_args(spec, 0)
         self.init_fn(spec)
         state = jax.eval_shape(lambda *a: _fresh_state(args[0], *a), *args[1:])
         self.epoch_fn(state, data)
         self.eval_fn(spec, state.params, val_data)
         self.copy_fn(state.params)
+
+
+@jax.jit
+def _keep_best(best_K, params_K, improved_K):
+    # Not donated: the first call passes the params themselves as the best so far.
+    return jax.tree.map(lambda b, p: jnp.where(improved_K.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
+                        best_K, params_K)

@@ -75,6 +75,7 @@ class Runner:
         self.parent = os.getppid()
         self.trials_run = 0
         self.prepared: dict[int, tuple] = {}  # trial id -> what compiling it ahead cost (another thread)
+        self.cca_cache: dict = {}  # (head type, output dim) -> init: cca params of this study's training set
         spawned = float(os.environ.get("XCLIP_SPAWN_TIME", time.time()))
         self.startup_seconds = time.time() - spawned  # process start -> data on the device (first trial)
 
@@ -83,100 +84,131 @@ class Runner:
 
         return train_spec(trial_cfg, self.train_set.image_dim, self.train_set.text_dim)
 
-    def prepare(self, tid: int) -> None:
-        """Compile trial ``tid``'s programs (in the job reader's thread, while another trial trains)."""
+    def prepare(self, tids: list[int]) -> None:
+        """Compile a job's programs (in the job reader's thread, while another job trains)."""
         if not self.ahead:
             return
         from xclip_jax import study as st
         from xclip_jax.tune_config import trial_config
 
         before = self.programs.counters()
-        params = st.trial_params(self.study, tid)
-        self.programs.prepare(self._spec(trial_config(self.cfg, params)), self.train_data, self.val_data)
-        self.prepared[tid] = tuple(a - b for a, b in zip(self.programs.counters(), before))
+        spec = self._spec(trial_config(self.cfg, st.trial_params(self.study, tids[0])))
+        self.programs.prepare(spec, self.train_data, self.val_data, size=len(tids))
+        self.prepared[tids[0]] = tuple(a - b for a, b in zip(self.programs.counters(), before))
 
-    def run_trial(self, tid: int) -> dict:
-        """Run trial ``tid`` to its end; returns ``{"state": ..., "ahead": ...}`` for the driver."""
-        import jax
-        from optuna.trial import TrialState
-
-        from xclip_jax import checkpoint
+    def _open(self, tid: int, lead: int | None, size: int):
+        """Trial ``tid`` as a Trial, its training config and folder (cfg.yaml written, attributes set)."""
         from xclip_jax import study as st
-        from xclip_jax.config import dump_yaml, to_dict
-        from xclip_jax.pool import rss_bytes
+        from xclip_jax.config import dump_yaml
         from xclip_jax.runtime import TRIAL_HEADER, host_name
-        from xclip_jax.step import TrainingDiverged, state_args
-        from xclip_jax.train import fit, heads_metadata
         from xclip_jax.tune_config import trial_config
 
-        t_start = time.perf_counter()
-        cfg, study, programs = self.cfg, self.study, self.programs
-        compiled_before = programs.counters()
-        trial = st.open_trial(study, tid)
-        number = trial.number
-        train_cfg = trial_config(cfg, trial.params, trial_number=number)
-        out = Path(cfg.checkpoint_dir) / f"{number:05d}"
+        trial = st.open_trial(self.study, tid)
+        train_cfg = trial_config(self.cfg, trial.params, trial_number=trial.number)
+        out = Path(self.cfg.checkpoint_dir) / f"{trial.number:05d}"
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(train_cfg, out / "cfg.yaml", header=TRIAL_HEADER.format(number=number, study=cfg.study_name))
+        dump_yaml(train_cfg, out / "cfg.yaml", header=TRIAL_HEADER.format(number=trial.number, study=self.cfg.study_name))
         attrs = {"pid": os.getpid(), "host": host_name(), "jax_backend": self.backend,
                  "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"), "checkpoint": str(out)}
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             attrs["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        if size > 1:  # trained in one program with others of the same shapes; `bundle` = the lead's number
+            attrs.update(bundle=lead, bundle_size=size)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        return trial, train_cfg, out
+
+    def run_job(self, tids: list[int]) -> dict:
+        """Run one trial, or a bundle of same-shape trials in one program (``batch_trials``), to its
+        end; returns ``{"states": [...], "ahead": ...}`` for the driver."""
+        import jax
+        from optuna.trial import TrialState
+
+        from xclip_jax import checkpoint
+        from xclip_jax.config import to_dict
+        from xclip_jax.fit import fit, fit_bundle
+        from xclip_jax.pool import rss_bytes
+        from xclip_jax.step import TrainingDiverged, bundle_args, state_args
+        from xclip_jax.train import heads_metadata, with_head_init
+
+        t_start = time.perf_counter()
+        study, programs, size = self.study, self.programs, len(tids)
+        compiled_before = programs.counters()
+        members = []
+        for tid in tids:
+            members.append(self._open(tid, members[0][0].number if members else None, size))
+        trials, cfgs = [m[0] for m in members], [m[1] for m in members]
+        if size > 1:  # the lead's own attribute: it leads the bundle
+            trials[0].set_user_attr("bundle", trials[0].number)
         result = {"ahead": self.ahead}
+        training = cfgs[0].training
         try:
-            spec = self._spec(train_cfg)
+            specs = [self._spec(c) for c in cfgs]
             t0 = time.perf_counter()
-            init_fn = programs.init_fn(spec)
+            init_fn = programs.init_fn(specs[0]) if size == 1 else programs.bundle_init_fn(specs[0], size)
             init_compile = time.perf_counter() - t0
-            state = init_fn(*state_args(spec, train_cfg.seed)[1:])
+            args = state_args(specs[0], cfgs[0].seed) if size == 1 else bundle_args(specs, [c.seed for c in cfgs])
+            state = with_head_init(init_fn(*args[1:]), [c.model for c in cfgs], self.train_set, self.cca_cache)
             jax.block_until_ready(state)
             setup = time.perf_counter() - t_start - init_compile
-            hook = report_and_prune(trial, train_cfg.training.num_epochs, self.parent)
-            state, fs = fit(state, self.train_data, self.val_data, num_epochs=train_cfg.training.num_epochs,
-                            patience=train_cfg.training.patience, hooks=(hook,),
-                            ks=tuple(train_cfg.evaluation.top_k), progress=False, programs=programs)
-            if fs.best_params is not None:  # one checkpoint per trial, the best epoch's (pruned ones too)
-                checkpoint.save_heads(out, fs.best_params, to_dict(train_cfg),
-                                      heads_metadata(self.train_set, fs.best_epoch, fs.best_r1), step=fs.best_epoch)
+            hooks = [(report_and_prune(t, training.num_epochs, self.parent),) for t in trials]
+            common = dict(num_epochs=training.num_epochs, patience=training.patience,
+                          ks=tuple(cfgs[0].evaluation.top_k), programs=programs)
+            if size == 1:
+                state, fs = fit(state, self.train_data, self.val_data, hooks=hooks[0], progress=False, **common)
+                fit_states = [fs]
+            else:
+                state, fit_states = fit_bundle(state, self.train_data, self.val_data, hooks=hooks, **common)
+            for (trial, train_cfg, out), fs in zip(members, fit_states):
+                if fs.best_params is not None and not fs.stopped.startswith("diverged"):
+                    # one checkpoint per trial, the best epoch's (pruned ones too)
+                    checkpoint.save_heads(out, fs.best_params, to_dict(train_cfg),
+                                          heads_metadata(self.train_set, fs.best_epoch, fs.best_r1),
+                                          step=fs.best_epoch)
         except TrainingDiverged as e:  # this trial's numbers, not the process: the runner goes on
-            trial.set_user_attr("fail_reason", str(e))
-            study.tell(number, state=TrialState.FAIL)
+            trials[0].set_user_attr("fail_reason", str(e))
+            study.tell(trials[0].number, state=TrialState.FAIL)
             print(f"FAIL: {e}", file=sys.stderr, flush=True)
-            return {**result, "state": "FAIL"}
-        except Exception as e:  # the trial's own error, not whatever the log's last line happens to be
+            return {**result, "states": ["FAIL"]}
+        except Exception as e:  # the job's own error, not whatever the log's last line happens to be
             if disk_full(str(e)):
-                raise  # not the trial's fault: the driver retries its parameters and stops launching
+                raise  # not the trials' fault: the driver retries their parameters and stops launching
             traceback.print_exc()
-            trial.set_user_attr("fail_reason", exception_line(e))
-            study.tell(number, state=TrialState.FAIL)
+            for trial in trials:
+                trial.set_user_attr("fail_reason", exception_line(e))
+                study.tell(trial.number, state=TrialState.FAIL)
             raise SystemExit(1)  # this process's state is not trusted for another trial
-        ahead = self.prepared.pop(tid, (0, 0, 0.0))  # compiled for this trial while the previous one trained
+        ahead = self.prepared.pop(tids[0], (0, 0, 0.0))  # compiled for this job while the previous one trained
         compiled, hits, _ = (after - before + early for after, before, early
                              in zip(programs.counters(), compiled_before, ahead))
         runner_startup, self.startup_seconds = self.startup_seconds, 0.0
-        timings = {
-            # spawn -> data on the device for a runner's first trial, then the trial's own set-up
-            "startup_seconds": runner_startup + setup,
-            "compile_seconds": init_compile + fs.compile_seconds,
-            "train_seconds": fs.train_seconds(),
-            "eval_seconds": fs.eval_seconds(),
-            "programs_compiled": compiled,
-            "compile_cache_hits": hits,
-            "runner_trial": self.trials_run,  # 0 for a runner's first trial
-            "runner_rss_mb": rss_bytes(os.getpid()) >> 20,  # after the trial: what recycling looks at
-            "best_epoch": fs.best_epoch,
-            "stopped": fs.stopped,
+        shared = {  # the job's costs, each member its share
+            # spawn -> data on the device for a runner's first job, then the job's own set-up
+            "startup_seconds": (runner_startup + setup) / size,
+            "compile_seconds": (init_compile + fit_states[0].compile_seconds * (1 if size == 1 else size)) / size,
+            "programs_compiled": compiled / size if size > 1 else compiled,
+            "compile_cache_hits": hits / size if size > 1 else hits,
         }
+        states = []
+        for trial, fs in zip(trials, fit_states):
+            timings = {**shared, "train_seconds": fs.train_seconds(), "eval_seconds": fs.eval_seconds(),
+                       "runner_trial": self.trials_run, "runner_rss_mb": rss_bytes(os.getpid()) >> 20,
+                       "best_epoch": fs.best_epoch, "stopped": fs.stopped}
+            for key, value in timings.items():
+                trial.set_user_attr(key, round(value, 3) if isinstance(value, float) else value)
+            if fs.stopped.startswith("diverged"):
+                trial.set_user_attr("fail_reason", f"training loss is not finite ({fs.stopped}; lower learning_rate "
+                                                   "or temperature)")
+                study.tell(trial.number, state=TrialState.FAIL)
+                states.append("FAIL")
+            elif fs.stopped == "pruned":
+                study.tell(trial.number, state=TrialState.PRUNED)
+                states.append("PRUNED")
+            else:
+                study.tell(trial.number, fs.best_r1)
+                states.append("COMPLETE")
         self.trials_run += 1
-        for key, value in timings.items():
-            trial.set_user_attr(key, round(value, 3) if isinstance(value, float) else value)
-        if fs.stopped == "pruned":
-            study.tell(number, state=TrialState.PRUNED)
-            return {**result, "state": "PRUNED"}
-        study.tell(number, fs.best_r1)
-        return {**result, "state": "COMPLETE"}
+        return {**result, "states": states}
 
 
 def main(argv=None):
@@ -189,7 +221,7 @@ def main(argv=None):
     worker_setup()  # the memory cap and the parent-death signal, before jax is imported
     config_path, cache_dir = argv if argv is not None else sys.argv[1:]
     runner = Runner(config_path, cache_dir)
-    serve(lambda job: runner.run_trial(int(job["trial_id"])), lambda job: runner.prepare(int(job["trial_id"])))
+    serve(lambda job: runner.run_job(job["trial_ids"]), lambda job: runner.prepare(job["trial_ids"]))
     return 0
 
 

@@ -12,10 +12,14 @@ import logging
 import optuna
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import fit_problems
+from xclip_jax.spec import DATA_FIELDS, fit_problems
 from xclip_jax.tune_config import PARAM_PATHS, SECTION_TYPES, ParamSpace, TuneConfig, condition, trial_config
 
 SPACE_ATTR = "xclip_search_space"
+# The searchable parameters that are data in the train state, not static shapes: trials that differ
+# only in them can train in one program (batch_trials).
+DATA_PARAMS = frozenset(name for name, (section, key) in PARAM_PATHS.items()
+                        if key in DATA_FIELDS[SECTION_TYPES[section].__name__])
 SKIPPED_ATTR = "xclip_skipped"  # a sampled combination that can't run: told PRUNED at once, not counted
 log = logging.getLogger("xclip_jax.tune")
 

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 
-HEAD_TYPES = ("siglip", "clip", "mlp", "attention")
+HEAD_TYPES = ("siglip", "clip", "mlp", "attention", "linear")
+HEAD_INITS = ("default", "cca")
+CCA_HEADS = ("linear", "siglip")  # the heads whose projection can start from the CCA solution
 LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
 DTYPES = ("float32", "bfloat16")
 SIGMOID_NORMALIZE = ("pairs", "batch")
 
 
 # The fields that are data (in the train state) or fit-loop counters, not part of a compiled program.
-DATA_FIELDS = {"HeadSpec": ("dropout",), "LossSpec": ("temperature",),
+DATA_FIELDS = {"HeadSpec": ("dropout", "init"), "LossSpec": ("temperature",),
                "TrainingSpec": ("learning_rate", "weight_decay", "num_epochs", "patience")}
 
 
@@ -51,6 +53,9 @@ class HeadSpec:
       dropout: the dropout rate (data: carried in the train state).
       num_heads: attention heads (attention head only; must divide both input dims).
       num_layers: attention blocks (attention head only).
+      init: ``default`` (PyTorch's initialisation) or ``cca`` (linear and siglip heads: the
+        projections start from the CCA solution of the training set, so epoch 0 is already at the
+        CCA baseline; data: it changes initial values, not the program).
     """
 
     type: str = "siglip"
@@ -59,6 +64,7 @@ class HeadSpec:
     dropout: float = 0.1
     num_heads: int = 8
     num_layers: int = 1
+    init: str = "default"
 
     def __post_init__(self):
         _check(self.type in HEAD_TYPES, f"unknown head type {self.type!r}; allowed: {', '.join(HEAD_TYPES)}")
@@ -67,6 +73,7 @@ class HeadSpec:
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.num_heads > 0, "num_heads must be > 0")
         _check(self.num_layers > 0, "num_layers must be > 0")
+        _check(self.init in HEAD_INITS, f"init must be one of {', '.join(HEAD_INITS)}, got {self.init!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +154,9 @@ def fit_problems(head: HeadSpec, loss: LossSpec, training: TrainingSpec, *, imag
         if bad:
             errors.append(f"model.num_heads={head.num_heads} does not divide the input dims (image {image_dim}, "
                           f"text {text_dim}); choose num_heads that divides both")
+    if head.init == "cca" and head.type not in CCA_HEADS:
+        errors.append(f"model.init cca starts a {' or '.join(CCA_HEADS)} head's projection from CCA, not a "
+                      f"{head.type} head's; use init: default, or head type {' or '.join(CCA_HEADS)}")
     if loss.type == "queue_infonce" and loss.queue_size < training.batch_size:
         warnings.append(f"loss.queue_size {loss.queue_size} is smaller than training.batch_size "
                         f"{training.batch_size}: the queue holds less than one batch of negatives; raise queue_size")

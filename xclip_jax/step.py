@@ -155,10 +155,7 @@ def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
     return _fresh_state(*state_args(spec, seed))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _fresh_state(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
-    # One compiled program instead of dozens of eager ones; the hyperparameters and the seed are
-    # arguments, so trials that differ only in them share it (and its persistent-cache entry).
+def _fresh_state_core(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
     k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
     params = init_head_params(spec.head, spec.image_dim, spec.text_dim, k_init)
     sigmoid_bias = spec.loss.type == "sigmoid_infonce" and spec.loss.learnable_bias
@@ -169,6 +166,31 @@ def _fresh_state(spec: TrainSpec, seed, learning_rate, weight_decay, temperature
              if spec.loss.type == "queue_infonce" else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=dropout, opt_state=tx.init(params),
                       queue=queue, rng=k_run, spec=spec)
+
+
+# One compiled program instead of dozens of eager ones; the hyperparameters and the seed are
+# arguments, so trials that differ only in them share it (and its persistent-cache entry).
+_fresh_state = jax.jit(_fresh_state_core, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fresh_bundle(spec: TrainSpec, seeds_K, learning_rates_K, weight_decays_K, temperatures_K, dropouts_K):
+    # K members' states, stacked on a leading axis: each exactly what _fresh_state gives for its values.
+    return jax.vmap(functools.partial(_fresh_state_core, spec))(seeds_K, learning_rates_K, weight_decays_K,
+                                                                  temperatures_K, dropouts_K)
+
+
+def bundle_args(specs: list[TrainSpec], seeds: list[int]) -> tuple:
+    """``_fresh_bundle``'s arguments for K members of one static spec (each as ``state_args``)."""
+    members = [state_args(spec, seed) for spec, seed in zip(specs, seeds)]
+    if len({m[0] for m in members}) != 1:
+        raise ValueError("a bundle's members must share every static shape (head, dims, loss, batch, queue)")
+    return (members[0][0], *(np.stack(column) for column in list(zip(*members))[1:]))
+
+
+def create_bundle_state(specs: list[TrainSpec], seeds: list[int]) -> TrainState:
+    """The train states of K same-shape trials, stacked on a leading member axis (see ``run_bundle_epoch``)."""
+    return _fresh_bundle(*bundle_args(specs, seeds))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -232,14 +254,7 @@ def _gather(data: DeviceData, idx_B):
     return {"image": data.image_NxDi[image_idx], "text": data.text_RxDt[idx_B], "ids": image_idx}
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def run_epoch(state: TrainState, data: DeviceData):
-    """One epoch as one compiled program: on-device shuffle, then a scan of ``train_step`` over the
-    spec's batch size.
-
-    Returns the new state and the epoch's metrics (mean loss and grad norm, final temperature,
-    whether any step's loss was not finite), still on the device.
-    """
+def _epoch(state: TrainState, data: DeviceData):
     batch_size = state.spec.batch_size
     steps = data.rows // batch_size
     key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
@@ -259,6 +274,31 @@ def run_epoch(state: TrainState, data: DeviceData):
         "finite": jnp.all(jnp.isfinite(per_step["loss"])),
     }
     return state, metrics
+
+
+run_epoch = jax.jit(_epoch, donate_argnums=0)
+run_epoch.__doc__ = """One epoch as one compiled program: ``run_epoch(state, data) -> (state, metrics)``.
+
+An on-device shuffle, then a scan of ``train_step`` over the spec's batch size. Returns the new state
+and the epoch's metrics (mean loss and grad norm, final temperature, whether any step's loss was
+not finite), still on the device.
+"""
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def run_bundle_epoch(states: TrainState, data: DeviceData, active_K):
+    """One epoch of K same-shape trials as one program (``vmap`` of ``run_epoch`` over the members).
+
+    Each member keeps its own shuffle order, dropout, optimizer state and queue (all from its own
+    state); a member whose ``active_K`` is False is left exactly as it was (stopped, pruned or
+    diverged). Returns the new stacked states and per-member metrics ``[K]``.
+    """
+    new, metrics = jax.vmap(_epoch, in_axes=(0, None))(states, data)
+
+    def keep(new_leaf, old_leaf):
+        return jnp.where(active_K.reshape((-1,) + (1,) * (new_leaf.ndim - 1)), new_leaf, old_leaf)
+
+    return jax.tree.map(keep, new, states), metrics
 
 
 @jax.jit
@@ -311,13 +351,21 @@ def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.A
     return encode(spec, "image", params["image"], data.image_NxDi), encode(spec, "text", params["text"], data.text_RxDt)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size"))
-def _eval_program(spec: TrainSpec, params, data: DeviceData, chunk_size: int):
-    # The whole evaluation is one program: both projections and the retrieval ranks.
+def _eval_core(spec: TrainSpec, params, data: DeviceData, chunk_size: int):
     image_head, text_head = _heads(spec)
     zi = _encode_rows(image_head, params["image"], data.image_NxDi, 8192)
     zt = _encode_rows(text_head, params["text"], data.text_RxDt, 8192)
     return ranks(zi, zt, data.row_image_R, min(chunk_size, data.image_NxDi.shape[0]))
+
+
+# The whole evaluation is one program: both projections and the retrieval ranks.
+_eval_program = jax.jit(_eval_core, static_argnames=("spec", "chunk_size"))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size"))
+def _bundle_eval_program(spec: TrainSpec, params_K, data: DeviceData, chunk_size: int):
+    # The evaluation of K members at once: their ranks [K, N] and [K, T], and finiteness [K].
+    return jax.vmap(lambda params: _eval_core(spec, params, data, chunk_size))(params_K)
 
 
 def run_eval(eval_fn, params, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
@@ -330,6 +378,14 @@ def run_eval(eval_fn, params, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
     if not (images_ok and texts_ok):
         raise ValueError("the heads' outputs are not finite (NaN or Inf params)")
     return summarise(i2t, t2i, ks)
+
+
+def run_bundle_eval(eval_fn, params_K, data: DeviceData, ks=(1, 5, 10, 50)) -> list[dict | None]:
+    """Each member's metrics from a compiled bundle evaluation (None for a member whose outputs are
+    not finite: its params diverged)."""
+    i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K = jax.device_get(eval_fn(params_K, data))
+    return [summarise(i2t, t2i, ks) if ok_i and ok_t else None
+            for i2t, t2i, ok_i, ok_t in zip(i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K)]
 
 
 def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50), chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:

@@ -129,6 +129,37 @@ def find_study(storage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def ask_companions(study: optuna.Study, storage, cfg: TuneConfig, lead, count: int) -> list:
+    """Up to ``count`` trials with the lead's structural parameters (every one that fixes a static
+    shape) and the rest drawn by the sampler (learning rate, weight decay, temperature, dropout), to
+    train in one program with the lead (``batch_trials``). Each is its own Optuna trial.
+
+    None is asked while retries are waiting (``study.ask`` would hand out a retry's own parameters,
+    of another shape): those run alone, first.
+    """
+    if count < 1 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return []
+    fixed = {name: value for name, value in lead.params.items() if name not in space.DATA_PARAMS}
+    base = study.sampler
+    with quiet_optuna():
+        study.sampler = optuna.samplers.PartialFixedSampler(fixed, base)
+    companions = []
+    try:
+        for _ in range(count):
+            with quiet_optuna():
+                trial = study.ask()
+            storage.record_heartbeat(trial_id(trial))
+            if is_surplus(study, trial.number, cfg.n_trials):
+                storage.set_trial_system_attr(trial_id(trial), "xclip_surplus", True)
+                study.tell(trial.number, state=TrialState.FAIL)
+                break
+            space.sample(trial, cfg)
+            companions.append(trial)
+    finally:
+        study.sampler = base
+    return companions
+
+
 # ----------------------------------------------------------------------------- counting
 
 
@@ -175,6 +206,7 @@ def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
 # ----------------------------------------------------------------------------- throughput
 
 RUNS_ATTR = "xclip_runs"  # one record per driver run: where its time went
+BASELINES_ATTR = "xclip_baselines"  # the closed-form baselines of the study's data (baselines.compute_baselines)
 
 
 def record_throughput(study: optuna.Study, trials, n_jobs: int, wall_seconds: float) -> dict:

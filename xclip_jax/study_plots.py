@@ -77,6 +77,10 @@ def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
     import optuna.visualization as vis
 
     fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    if name == "optimization_history":
+        for label, value in _baseline_lines(study):
+            fig.add_hline(y=value, line_dash="dot", line_color="grey", annotation_text=label,
+                          annotation_position="bottom right")
     # "directory" puts one plotly.min.js beside the pages: works offline (no CDN)
     # without embedding ~4 MB of JavaScript in every page.
     fig.write_html(str(path), include_plotlyjs="directory")
@@ -92,10 +96,20 @@ def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, imps))
     fig = _figure_of(ax)
+    if name == "optimization_history":
+        for i, (label, value) in enumerate(_baseline_lines(study)):
+            ax.axhline(value, linestyle=":", color=f"C{i + 2}", label=label)
+        if _baseline_lines(study):
+            ax.legend(fontsize="small")
     try:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)  # figures otherwise accumulate in pyplot for the process' life
+
+
+def _baseline_lines(study: optuna.Study) -> list[tuple[str, float]]:
+    """(label, validation R@1) of each closed-form baseline the study stored: lines on its history."""
+    return [(f"{b['name']} {b['val']['r1']:.3f}", b["val"]["r1"]) for b in study.user_attrs.get("xclip_baselines") or []]
 
 
 def _figure_of(ax: Any):

@@ -1,145 +1,20 @@
-"""The fit loop, and ``python -m xclip_jax.train CONFIG``.
+"""``python -m xclip_jax.train CONFIG``: one config trained end to end.
 
-``fit`` trains one state with early stopping on validation R@1, keeping one :class:`FitState`
-(the next epoch, the best epoch and its params, the history) that it returns and that a resumed
-run hands back; what happens after each epoch is a list of small hooks. The training CLI
-(``run_training``) adds hooks that compute the validation loss, save the best heads and save a
-resumable state; a tuning trial runs the same ``fit`` with a hook that reports to Optuna and prunes.
+``run_training`` loads the data, builds the state (``init: cca`` applied), runs the fit loop
+(``xclip_jax.fit``) with hooks that compute the validation loss, save the best heads and save a
+resumable state, then writes the history, the curves and the final evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import jax
+import numpy as np
 
-from xclip_jax.programs import Programs
-from xclip_jax.step import (
-    TrainingDiverged,
-    TrainSpec,
-    TrainState,
-    create_train_state,
-    eval_loss,
-    run_eval,
-    to_device,
-)
-
-# A hook runs after each epoch: hook(record, fit_state, train_state) -> a reason to stop, or None.
-# `record` is the epoch's entry of the history (a hook may add to it); `fit_state` already counts it.
-Hook = Callable[[dict, "FitState", TrainState], "str | None"]
-
-
-@dataclasses.dataclass
-class FitState:
-    """Where a fit stands, as one unit: what ``fit`` returns and what a resumed run passes back.
-
-    Attributes:
-      epoch: the next epoch to train. history: one record per trained epoch.
-      best_epoch, best_r1, best_params: the best validation R@1 so far, its epoch and its params
-        (a device copy, safe from donation; None before the first epoch).
-      stopped: why the fit ended ("completed", "early_stopping", or what a hook said).
-      compile_seconds: getting the fit's compiled programs (compiling them, unless kept or compiled
-        ahead), this run.
-    """
-
-    epoch: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    best_epoch: int = -1
-    best_r1: float = -math.inf
-    best_params: Any = None
-    stopped: str | None = None
-    compile_seconds: float = 0.0
-
-    def improved_at(self, epoch: int) -> bool:
-        return self.best_epoch == epoch
-
-    def to_json(self) -> dict:
-        """The JSON-able part (everything but the params), for a resumable save."""
-        return {"epoch": self.epoch, "history": self.history, "best_epoch": self.best_epoch,
-                "best_r1": self.best_r1}
-
-    @classmethod
-    def from_json(cls, saved: dict, best_params) -> FitState:
-        # Saves from before the config was recorded counted the last finished epoch, not the next.
-        epoch = saved["epoch"] + (0 if "config" in saved else 1)
-        return cls(epoch=epoch, history=saved["history"], best_epoch=saved["best_epoch"], best_r1=saved["best_r1"],
-                   best_params=best_params)
-
-    def train_seconds(self) -> float:
-        return sum(h["train_time"] for h in self.history)
-
-    def eval_seconds(self) -> float:
-        return sum(h.get("eval_time", 0.0) for h in self.history)
-
-
-def fit(state: TrainState, train_data, val_data, fit_state: FitState | None = None, *, num_epochs: int,
-        patience: int, hooks=(), ks=(1, 5, 10, 50), progress: bool = True,
-        programs: Programs | None = None) -> tuple[TrainState, FitState]:
-    """Train until ``num_epochs``, ``patience`` epochs without a better validation R@1 (the mean of
-    i2t and t2i R@1), or a hook's reason to stop.
-
-    Args:
-      state: the initial (or resumed) train state; it is donated.
-      train_data, val_data: ``DeviceData`` sets.
-      num_epochs, patience: the length of the fit, and the epochs without a better R@1 that stop it.
-      fit_state: where a resumed run left off (default: a fresh start).
-      hooks: called after every epoch, in order (see ``Hook``).
-      ks: the Recall@K cut-offs of the validation metrics.
-      programs: where the compiled programs are kept (a warm runner's); default: a new one.
-
-    Returns:
-      ``(state, fit_state)``: the final train state and the fit state.
-
-    Raises:
-      TrainingDiverged: a training loss was NaN or infinite.
-    """
-    from tqdm.auto import tqdm
-
-    fs = fit_state if fit_state is not None else FitState()
-    programs = programs if programs is not None else Programs()
-    t0 = time.perf_counter()
-    # Every program up front (one for all epochs, one evaluation, one params copy): compile time is
-    # measured apart from training, and kept programs cost nothing.
-    epoch_fn = programs.epoch_fn(state, train_data)
-    eval_fn = programs.eval_fn(state.spec, state.params, val_data)
-    copy_fn = programs.copy_fn(state.params)
-    fs.compile_seconds += time.perf_counter() - t0
-    fs.stopped = "completed"
-    bar = tqdm(range(fs.epoch, num_epochs), desc="epochs", disable=not progress, unit="epoch",
-               initial=fs.epoch, total=num_epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        state, train_metrics = epoch_fn(state, train_data)
-        train_metrics = jax.device_get(train_metrics)
-        train_time = time.perf_counter() - t0
-        if not train_metrics["finite"]:
-            raise TrainingDiverged(f"training loss is not finite at epoch {epoch} (lower learning_rate or temperature)")
-        t1 = time.perf_counter()
-        val_metrics = run_eval(eval_fn, state.params, val_data, ks)
-        record = {"epoch": epoch, "train_loss": float(train_metrics["loss"]), "val_loss": None,
-                  "val_r1": val_metrics["r1"], "val_metrics": val_metrics,
-                  "grad_norm": float(train_metrics["grad_norm"]), "temperature": float(train_metrics["temperature"]),
-                  "epoch_time": time.perf_counter() - t0, "train_time": train_time,
-                  "eval_time": time.perf_counter() - t1}
-        fs.history.append(record)
-        fs.epoch = epoch + 1
-        if record["val_r1"] > fs.best_r1:
-            fs.best_r1, fs.best_epoch, fs.best_params = record["val_r1"], epoch, copy_fn(state.params)
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", val_r1=f"{record['val_r1']:.4f}", best=f"{fs.best_r1:.4f}")
-        reason = next((r for r in (hook(record, fs, state) for hook in hooks) if r), None)
-        if reason:
-            fs.stopped = reason
-            break
-        if epoch - fs.best_epoch >= patience:
-            fs.stopped = "early_stopping"
-            break
-    bar.close()
-    return state, fs
-
+from xclip_jax.fit import FitState, Hook, fit
+from xclip_jax.step import TrainingDiverged, TrainSpec, TrainState, create_train_state, eval_loss, to_device
 
 # ----------------------------------------------------------------------------- the training CLI's hooks
 
@@ -179,6 +54,33 @@ def save_for_resume(directory: Path, config: dict) -> Hook:
 def train_spec(cfg, image_dim: int, text_dim: int) -> TrainSpec:
     """The static spec of a typed TrainConfig for the given input dims."""
     return TrainSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)
+
+
+def with_head_init(state: TrainState, heads: list, train_set, cache: dict | None = None) -> TrainState:
+    """A fresh state (one trial, or a bundle's stacked states with one HeadSpec per member) with each
+    member whose head says ``init: cca`` starting from the CCA solution of the training set
+    (``baselines.cca_head_params``); ``cache`` keeps solutions by (head type, output dim)."""
+    use = np.array([h.init == "cca" for h in heads])
+    if not use.any():
+        return state
+    from xclip_jax.baselines import cca_head_params
+
+    stacked = np.ndim(state.step) == 1
+    default = jax.device_get({"image": state.params["image"], "text": state.params["text"]})
+    head = heads[0]
+    key = (head.type, head.output_dim)
+    cached = None if cache is None else cache.get(key)
+    if cached is None:
+        member = jax.tree.map(lambda x: x[0], default) if stacked else default
+        cached = cca_head_params(head.type, head.output_dim, train_set.image, train_set.text, train_set.row_image,
+                                 member)
+        if cache is not None:
+            cache[key] = cached
+    if stacked:  # each member its own choice
+        params = jax.tree.map(lambda d, c: np.where(use.reshape((-1,) + (1,) * c.ndim), c[None], d), default, cached)
+    else:
+        params = cached
+    return state.replace(params={**state.params, **jax.device_put(params)})
 
 
 def check_fits(cfg, train_set) -> None:
@@ -278,6 +180,7 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     check_fits(cfg, sets["train"])
     train_data, val_data = to_device(sets["train"]), to_device(sets["val"])
     state = create_train_state(train_spec(cfg, sets["train"].image_dim, sets["train"].text_dim), seed=cfg.seed)
+    state = with_head_init(state, [cfg.model], sets["train"])
     config = to_dict(cfg)
     resumed = _resumed(resume_dir, ckpt_dir, state, config) if resume else None
     state, fit_state = resumed if resumed else (state, None)

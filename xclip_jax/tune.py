@@ -11,8 +11,10 @@ stops cleanly on Ctrl-C and resumes toward ``n_trials`` when rerun. It never imp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax.pool import Pool
+from xclip_jax.report import report_baselines, throughput_line
 from xclip_jax.runtime import (
     STORAGE_ENV,
     check_owners,
@@ -44,7 +47,7 @@ class Driver:
         self.storage = make_storage(cfg.storage, heartbeat=(cfg.heartbeat_interval, cfg.grace_period))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = None
-        self.numbers: dict[str, int] = {}  # running job (trial id) -> trial number
+        self.jobs: dict[str, list] = {}  # running job (its lead's trial id) -> [(trial id, number)] of its trials
         self.ran: list[int] = []  # ids of the trials this driver ran to their end
         self.host = host_name()
 
@@ -72,7 +75,7 @@ class Driver:
             for line in data.cached_sources(self.cache_dir):
                 print(f"{line} (cached in {self.cache_dir})")
         else:
-            sets = data.load_sets(cfg.data, cfg.base_data_dir, splits=("train", "val"))
+            sets = data.load_sets(cfg.data, cfg.base_data_dir)  # test too: the baselines' table scores it
         train = sets["train"]
         self.dims, self.rows = (train.image_dim, train.text_dim), train.rows
         skipped = space.check_combinations(cfg, self.rows, self.dims)
@@ -89,18 +92,47 @@ class Driver:
         space.store_space(self.study, cfg)
         claim(folders, cfg.study_name)
         data.write_cache(sets, self.cache_dir)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(exist_ok=True)
         config_path = self.out / "tune_config.yaml"
         # The storage URL reaches trial processes through their environment, never through a file.
         dump_yaml(dataclasses.replace(cfg, storage=mask_secrets(cfg.storage)), config_path,
                   header="# the resolved tuning config that trial processes read (they get the storage URL "
                          f"from ${STORAGE_ENV})\n")
-        self.logs = self.out / "logs"
-        self.logs.mkdir(exist_ok=True)
+        self.baselines = self._start_baselines()
         self.pool = Pool([sys.executable, "-m", "xclip_jax.runner", str(config_path), str(self.cache_dir)],
                          size=cfg.n_jobs, env=self._runner_env(), devices=cfg.devices,
                          memory_limit_bytes=int(cfg.trial_memory_limit_gb * 2**30) if cfg.trial_memory_limit_gb else None,
                          max_jobs=cfg.runner_max_trials, job_timeout=cfg.trial_timeout,
                          max_rss_bytes=int(cfg.runner_max_memory_gb * 2**30) if cfg.runner_max_memory_gb else None)
+
+    def _start_baselines(self):
+        """The closed-form baselines of the study's data, once per data cache (its ``baselines.json``):
+        computed by a child process, since the driver never imports jax, while the first trials run."""
+        if not self.cfg.baselines or (self.cache_dir / "baselines.json").exists():
+            return None
+        log = open(self.logs / "baselines.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "xclip_jax.baselines", "--cache", str(self.cache_dir), "--out",
+                                 str(self.cache_dir / "baselines.json")], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self._runner_env(), start_new_session=True)
+
+    def _baseline_results(self, wait: bool) -> list | None:
+        """The baselines' results (waiting for their process when ``wait``), stored with the study."""
+        if self.baselines is not None:
+            if not wait:
+                self.baselines.kill()
+            try:
+                self.baselines.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                self.baselines.kill()
+            self.baselines = None
+        path = self.cache_dir / "baselines.json"
+        if not self.cfg.baselines or not path.exists():
+            return None
+        results = json.loads(path.read_text())
+        if self.study.user_attrs.get(st.BASELINES_ATTR) != results:
+            self.study.set_user_attr(st.BASELINES_ATTR, results)
+        return results
 
     def _runner_env(self) -> dict:
         env = dict(os.environ)
@@ -118,47 +150,57 @@ class Driver:
     # -- trials ------------------------------------------------------------------------------
 
     def launch(self) -> None:
+        """Ask for the next trial (and, with ``batch_trials``, its companions) and hand it to the pool."""
         trial = st.ask_trial(self.study, self.storage, self.cfg, self.dims, self.rows)
         if trial is None:  # another driver asked at the same moment and the study's total is reached
             return
-        tid = st.trial_id(trial)
-        trial.set_user_attr("driver_host", self.host)
-        trial.set_user_attr("driver_pid", os.getpid())
+        trials = [trial]
+        if self.cfg.batch_trials > 1:
+            c = st.counts(self.study)
+            room = self.cfg.n_trials - (c["finished"] + c["running"])
+            trials += st.ask_companions(self.study, self.storage, self.cfg, trial, min(self.cfg.batch_trials - 1, room))
+        tids = [st.trial_id(t) for t in trials]
+        for t in trials:
+            t.set_user_attr("driver_host", self.host)
+            t.set_user_attr("driver_pid", os.getpid())
         try:
-            self.pool.submit(str(tid), {"trial_id": tid}, self.logs / f"trial_{trial.number:05d}.log")
-        except OSError as e:  # e.g. no room for its log: the trial never ran, its parameters run again
-            st.fail_trial(self.study, self.storage, tid, f"could not start: {e}", retry="always")
+            self.pool.submit(str(tids[0]), {"trial_ids": tids}, self.logs / f"trial_{trial.number:05d}.log")
+        except OSError as e:  # e.g. no room for its log: the trials never ran, their parameters run again
+            for tid in tids:
+                st.fail_trial(self.study, self.storage, tid, f"could not start: {e}", retry="always")
             if disk_full(str(e)):
                 self._halt_for_disk(trial.number, str(e))
                 return
             raise
-        self.numbers[str(tid)] = trial.number
+        self.jobs[str(tids[0])] = [(tid, t.number) for tid, t in zip(tids, trials)]
 
     def reap(self, events) -> list[str]:
         """Record how finished jobs ended: a trial its runner did not tell about (killed, crashed,
-        out of memory, timed out) is FAIL with the reason; one stopped by a full disk is retried."""
+        out of memory, timed out) is FAIL with the reason (every member of a lost bundle); one
+        stopped by a full disk is retried."""
         from optuna.trial import TrialState
 
         lines = []
         for event in events:
-            tid, number = int(event.job), self.numbers.pop(event.job)
-            self.ran.append(tid)
-            if event.kind == "lost" and self.storage.get_trial(tid).state == TrialState.RUNNING:
-                cause = disk_full(event.reason) or disk_full(_tail(event.log_path))
-                if not event.started:  # queued behind a trial that took its runner down: never ran
-                    st.fail_trial(self.study, self.storage, tid, f"{event.reason}; its parameters run again",
-                                  retry="always")
-                elif cause:  # not the trial's fault: run its parameters again, start no more
-                    reason = event.reason if cause in event.reason else f"{cause} ({event.reason})"
-                    st.fail_trial(self.study, self.storage, tid, reason, retry="always")
-                    self._halt_for_disk(number, reason)
-                elif event.reason == "interrupted":
-                    st.fail_trial(self.study, self.storage, tid,
-                                  "interrupted (Ctrl-C); its parameters run again on resume")
-                else:
-                    st.fail_trial(self.study, self.storage, tid, event.reason, retry="never")
-            lines.append(self.describe(self.storage.get_trial(tid)))
+            for tid, number in self.jobs.pop(event.job):
+                self.ran.append(tid)
+                if event.kind == "lost" and self.storage.get_trial(tid).state == TrialState.RUNNING:
+                    self._fail_lost(tid, number, event)
+                lines.append(self.describe(self.storage.get_trial(tid)))
         return lines
+
+    def _fail_lost(self, tid: int, number: int, event) -> None:
+        cause = disk_full(event.reason) or disk_full(_tail(event.log_path))
+        if not event.started:  # queued behind a job that took its runner down: never ran
+            st.fail_trial(self.study, self.storage, tid, f"{event.reason}; its parameters run again", retry="always")
+        elif cause:  # not the trial's fault: run its parameters again, start no more
+            reason = event.reason if cause in event.reason else f"{cause} ({event.reason})"
+            st.fail_trial(self.study, self.storage, tid, reason, retry="always")
+            self._halt_for_disk(number, reason)
+        elif event.reason == "interrupted":
+            st.fail_trial(self.study, self.storage, tid, "interrupted (Ctrl-C); its parameters run again on resume")
+        else:
+            st.fail_trial(self.study, self.storage, tid, event.reason, retry="never")
 
     def describe(self, t) -> str:
         from optuna.trial import TrialState
@@ -177,7 +219,7 @@ class Driver:
 
     def housekeeping(self) -> None:
         """Heartbeats for our trials; fail the trials of drivers that are gone."""
-        ours = {int(job) for job in self.pool.busy()}
+        ours = {tid for job in self.pool.busy() for tid, _ in self.jobs.get(job, ())}  # every member of a bundle
         for tid in ours:
             self.storage.record_heartbeat(tid)
         st.fail_lost_trials(self.study, self.storage, self.cfg, ours, self.host)
@@ -245,7 +287,8 @@ class Driver:
                 signal.signal(sig, handler)
             bar.close()
         self.pool.close()
-        return self._finish(start, interrupted)
+        baselines = self._baseline_results(wait=not interrupted)
+        return {**self._finish(start, interrupted), "baselines": baselines}
 
     def _finish(self, start: float, interrupted: bool) -> dict:
         from xclip_jax.report import write_outputs
@@ -260,6 +303,7 @@ class Driver:
                 raise
             outputs = {}  # the disk is full: the next run writes them
         return {"interrupted": interrupted, "counts": st.counts(self.study), "wall_seconds": wall,
+                "best_value": None if self._best() == "-" else self.study.best_value,
                 "outputs": outputs, "halt": self.halt, "throughput": throughput}
 
     def _best(self) -> str:
@@ -267,13 +311,6 @@ class Driver:
             return f"{self.study.best_value:.4f}"
         except ValueError:
             return "-"
-
-
-def throughput_line(t: dict) -> str:
-    """Where this run's time went: the useful fraction and what the rest was spent on."""
-    return (f"useful fraction {t['useful_fraction']:.2f} (training {t['train_seconds']:.0f} s of {t['n_jobs']} x "
-            f"{t['wall_seconds']:.0f} s; start-up {t['startup_seconds']:.0f} s, compile {t['compile_seconds']:.0f} s, "
-            f"evaluation {t['eval_seconds']:.0f} s over {t['trials']} trials)")
 
 
 def _tail(path) -> str:
@@ -366,6 +403,7 @@ def main(argv=None):
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
     if result["throughput"]["trials"]:
         print(throughput_line(result["throughput"]))
+    report_baselines(result.get("best_value"), result.get("baselines"))
     if result["halt"]:
         raise UserError(result["halt"])
     return 130 if result["interrupted"] else 0

@@ -121,10 +121,13 @@ class TuneConfig:
     runner_max_trials: int = RUNNER_MAX_TRIALS
     runner_max_memory_gb: float | None = RUNNER_MAX_MEMORY_GB
     compile_ahead: bool | None = None
+    batch_trials: int = 1
+    baselines: bool = True
 
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
         _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
+        _check(self.batch_trials >= 1, "batch_trials must be >= 1 (1: each trial trained on its own)")
         _check(self.runner_max_memory_gb is None or self.runner_max_memory_gb > 0,
                "runner_max_memory_gb must be > 0 or null")
         _check(self.n_trials >= 1, "n_trials must be >= 1")
@@ -156,6 +159,7 @@ DEFAULT_CONDITIONS = {
     "num_layers": {"head_type": ["attention"]},
     "queue_size": {"loss_type": ["queue_infonce"]},
     "learnable_temp": {"head_type": ["clip"]},
+    "init": {"head_type": ["linear", "siglip"]},
 }
 
 
@@ -241,3 +245,42 @@ def trial_config(cfg: TuneConfig, params: dict, trial_number: int | None = None,
         return build(TrainConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"fixed/search values give an invalid training config: {e}") from None
+
+
+def full_training_files(cfg) -> tuple[dict, str | None]:
+    """The study tuned on the tuning subset (``train_tuning_*``); the final run should train on the
+    full training split (``train_*``). Returns ``(changes to the data section, warning or None)``,
+    the file names found by the same rule as every command (a converted ``.npy`` wins)."""
+    from xclip_jax.data import resolve_file
+    from xclip_jax.errors import UserError
+
+    data, base = cfg.data, Path(cfg.base_data_dir)
+    names = {f"train_{part}": getattr(data, f"train_{part}")
+             for part in ("image_embeddings", "text_embeddings", "metadata")}
+    if data.synthetic is not None or not all("train_tuning_" in n for n in names.values()):
+        return {}, None
+    changes = {}
+    for key, name in names.items():
+        full = name.replace("train_tuning_", "train_")
+        try:
+            found = resolve_file(base / full) if key != "train_metadata" else base / full
+        except UserError:
+            continue
+        if found.is_file():
+            changes[key] = str(found.relative_to(base))
+    if len(changes) == 3:
+        return changes, None
+    return {}, (f"best_config.yaml trains on the tuning subset ({names['train_image_embeddings']} …): no full "
+                f"training set train_* was found in {base}; make it with python -m xclip_jax.data split, "
+                "or edit the data section of best_config.yaml")
+
+
+def best_train_config(cfg, trial):
+    """The complete training config of the best trial, for a full run on the full data; and a warning
+    when the full training set is not there (the config then keeps the tuning subset)."""
+    tc = trial_config(cfg, trial.params, trial_number=trial.number, experiment_name=f"{cfg.study_name}_best")
+    changes, warning = full_training_files(cfg)
+    if changes:
+        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
+    training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
+    return dataclasses.replace(tc, training=training, output_dir="outputs"), warning

@@ -36,7 +36,7 @@ from xclip_jax.data.sets import (
     source_line,
 )
 from xclip_jax.data.splits import split_train_test, tuning_subset
-from xclip_jax.data.synthetic import DEFAULT_NOISE, synthesize, synthetic_splits
+from xclip_jax.data.synthetic import DEFAULT_NOISE, DEFAULT_NONLINEARITY, synthesize, synthetic_splits
 
 
 def main(argv=None):
@@ -47,7 +47,7 @@ def main(argv=None):
 
 
 __all__ = [
-    "DEFAULT_NOISE", "EXTENSIONS", "SPLITS", "EmbeddingSet", "IMAGE_SUFFIX", "METADATA_SUFFIX", "TEXT_SUFFIX", "cache_dir",
+    "DEFAULT_NOISE", "DEFAULT_NONLINEARITY", "EXTENSIONS", "SPLITS", "EmbeddingSet", "IMAGE_SUFFIX", "METADATA_SUFFIX", "TEXT_SUFFIX", "cache_dir",
     "cached_sources", "cached_splits", "check_disjoint", "describe", "find_file", "from_rows", "load_embedding_set",
     "load_named_set", "load_sets", "main", "read_array", "read_cache", "read_image_ids", "resolve_file", "save_set",
     "source_line", "split_train_test", "synthesize", "synthetic_splits", "tuning_subset", "write_cache",

@@ -21,7 +21,7 @@ from xclip_jax.data.files import (
 )
 from xclip_jax.data.sets import describe
 from xclip_jax.data.splits import split_train_test, tuning_subset
-from xclip_jax.data.synthetic import DEFAULT_NOISE, synthetic_splits
+from xclip_jax.data.synthetic import DEFAULT_NOISE, DEFAULT_NONLINEARITY, synthetic_splits
 from xclip_jax.errors import UserError, cli
 
 
@@ -35,6 +35,7 @@ def _cmd_synth(args) -> None:
         val_images=args.val_images,
         test_images=args.test_images,
         noise=args.noise,
+        nonlinearity=args.nonlinearity,
         seed=args.seed,
     )
     train = sets["train"]
@@ -138,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--noise", type=float, default=DEFAULT_NOISE, help=f"noise-to-signal ratio (default {DEFAULT_NOISE})"
     )
+    p.add_argument("--nonlinearity", type=float, default=DEFAULT_NONLINEARITY,
+                   help=f"how far from linear the image-text relation is (default {DEFAULT_NONLINEARITY})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tuning-size", type=int, default=100_000, help="rows in train_tuning (default 100000)")
     p.set_defaults(run=_cmd_synth)

@@ -16,7 +16,10 @@ from xclip_jax.errors import UserError
 DEFAULT_NOISE = 1.75
 
 _MAP_HIDDEN = 256  # hidden width of each random map: richer than the latent, so maps are curved
-_MAP_GAIN = 1.5  # pre-activation std: tanh clearly bends, but rarely saturates
+# Pre-activation std of each random map's tanh (``nonlinearity``): at 1.5 the tanh clearly bends but
+# rarely saturates, and a linear map between the two sides does nearly as well as a trained head;
+# larger values saturate it, so that only a non-linear head recovers the shared latent.
+DEFAULT_NONLINEARITY = 1.5
 _CHUNK_IMAGES = 2048  # images per generation step, which bounds the temporaries
 
 
@@ -30,9 +33,9 @@ class _RandomMap:
     offset: np.ndarray
 
     @classmethod
-    def draw(cls, rng: np.random.Generator, latent_dim: int, out_dim: int) -> _RandomMap:
+    def draw(cls, rng: np.random.Generator, latent_dim: int, out_dim: int, gain: float) -> _RandomMap:
         f32 = np.float32
-        w1 = rng.standard_normal((latent_dim, _MAP_HIDDEN), dtype=f32) * f32(_MAP_GAIN / np.sqrt(latent_dim))
+        w1 = rng.standard_normal((latent_dim, _MAP_HIDDEN), dtype=f32) * f32(gain / np.sqrt(latent_dim))
         b1 = rng.standard_normal(_MAP_HIDDEN, dtype=f32) * f32(0.5)
         w2 = rng.standard_normal((_MAP_HIDDEN, out_dim), dtype=f32)
         # Unit signal std per coordinate makes `noise` a noise-to-signal ratio.
@@ -55,6 +58,7 @@ def synthesize(
     latent_dim: int = 64,
     noise: float = DEFAULT_NOISE,
     seed: int = 0,
+    nonlinearity: float = DEFAULT_NONLINEARITY,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate a deterministic COCO-like set of (image, caption) rows.
 
@@ -72,6 +76,8 @@ def synthesize(
       noise: caption perturbation of the latent and additive embedding noise, both relative to
         a signal std of 1. The default gives a linear baseline image->text R@1 of about 0.5.
       seed: together with the sizes, determines every value.
+      nonlinearity: the std of each map's tanh input: how far from linear the relation between
+        the two sides is (1.5: a linear map nearly matches a trained head; 4: it does not).
 
     Returns:
       (image_rows ``[rows, image_dim]`` float32, text_rows ``[rows, text_dim]`` float32,
@@ -83,8 +89,10 @@ def synthesize(
         raise UserError(f"synthesize: noise {noise} must be >= 0")
     f32 = np.float32
     maps_rng = np.random.default_rng([seed, 0])
-    image_map = _RandomMap.draw(maps_rng, latent_dim, image_dim)
-    text_map = _RandomMap.draw(maps_rng, latent_dim, text_dim)
+    if nonlinearity <= 0:
+        raise UserError(f"synthesize: nonlinearity {nonlinearity} must be > 0")
+    image_map = _RandomMap.draw(maps_rng, latent_dim, image_dim, nonlinearity)
+    text_map = _RandomMap.draw(maps_rng, latent_dim, text_dim, nonlinearity)
 
     c = captions_per_image
     image_rows = np.empty((n_images * c, image_dim), dtype=f32)
@@ -117,6 +125,7 @@ def synthetic_splits(
     noise: float = DEFAULT_NOISE,
     seed: int = 0,
     latent_dim: int = 64,
+    nonlinearity: float = DEFAULT_NONLINEARITY,
 ) -> dict[str, EmbeddingSet]:
     """Synthetic ``train`` / ``val`` / ``test`` sets from one :func:`synthesize` call.
 
@@ -125,7 +134,8 @@ def synthetic_splits(
     """
     total = n_images + val_images + test_images
     image_rows, text_rows, ids = synthesize(
-        total, captions_per_image, image_dim, text_dim, latent_dim=latent_dim, noise=noise, seed=seed
+        total, captions_per_image, image_dim, text_dim, latent_dim=latent_dim, noise=noise, seed=seed,
+        nonlinearity=nonlinearity,
     )
     bounds = {"train": (0, n_images), "val": (n_images, n_images + val_images), "test": (n_images + val_images, total)}
     c = captions_per_image
