@@ -148,6 +148,8 @@ def test_bad_device_and_evaluation_values(tmp_path):
                            ("evaluation: {visualization_samples: -1}\n", "visualization_samples")):
         msg = _bad(tmp_path, "data: {synthetic: {}}\n" + text)
         assert expected in msg, msg
+    msg = _bad(tmp_path, "data: {synthetic: {fold: 1.5}}\n")
+    assert "fold must be between 0 and 1" in msg, msg
 
 
 # One non-default value for every field of the three spec sections, with the head and loss under

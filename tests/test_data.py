@@ -373,6 +373,27 @@ def test_synthesize_shapes_determinism_and_repeated_images():
     assert not np.allclose(image_rows, other[0]) and not np.allclose(text_rows, other[1])
 
 
+def _canonical_correlations(a_NxD, b_NxE):
+    """Float64 CCA by whitening both sides and taking the singular values of the cross product."""
+    def whiten(x):
+        x = x.astype(np.float64) - x.mean(axis=0)
+        eigval, eigvec = np.linalg.eigh(x.T @ x / len(x))
+        return x @ eigvec / np.sqrt(eigval)
+    return np.linalg.svd(whiten(a_NxD).T @ whiten(b_NxE) / len(a_NxD), compute_uv=False)
+
+
+@pytest.mark.parametrize("fold, linear_dims", [(0.0, 8), (0.5, 4), (1.0, 0)])
+def test_fold_hides_latent_coordinates_from_every_linear_map(fold, linear_dims):
+    # Low noise, 8 latent coordinates: each one a linear map can see gives a canonical correlation
+    # near 1; a folded one (seen by the captions only by magnitude) gives none above 0.7.
+    image, text, _ = data.synthesize(3000, 1, 32, 48, latent_dim=8, noise=0.1, seed=3, fold=fold)
+    rho = _canonical_correlations(image, text)
+    assert np.sum(rho > 0.9) == linear_dims, rho[:10]
+    assert np.all(rho[linear_dims:] < 0.7), rho[:10]
+    with pytest.raises(UserError, match="fold"):
+        data.synthesize(10, 1, 4, 4, fold=1.5)
+
+
 def test_synthetic_splits_are_disjoint_slices_of_one_draw():
     sets = data.synthetic_splits(n_images=30, captions_per_image=2, image_dim=8, text_dim=6,
                                  val_images=5, test_images=7, seed=1)

@@ -15,6 +15,8 @@ from xclip_jax.tune_config import TuneConfig, load_tune_config, trial_config
 def test_shipped_tuning_configs_load(name):
     cfg = load_tune_config(ROOT / "configs" / name)
     assert cfg.search_space["head_type"].choices == ("siglip", "clip", "attention", "mlp")
+    if name == "quickstart.yaml":  # the set where the head matters (see the README's Baselines)
+        assert cfg.data.synthetic.fold == 0.75 and cfg.data.synthetic.latent_dim == 32
 
 
 TUNE = """

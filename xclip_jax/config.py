@@ -54,11 +54,13 @@ class SyntheticData:
     seed: int = 0
     nonlinearity: float | None = None  # the generator's default (1.5) when null
     latent_dim: int = 64
+    fold: float = 0.0  # share of latent coordinates captions see only by magnitude (0: none)
 
     def __post_init__(self):
         for name in ("images", "captions", "image_dim", "text_dim", "val_images", "test_images", "latent_dim"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
         _check(self.nonlinearity is None or self.nonlinearity > 0, "nonlinearity must be > 0")
+        _check(0.0 <= self.fold <= 1.0, f"fold must be between 0 and 1, got {self.fold}")
 
 
 @dataclasses.dataclass(frozen=True)

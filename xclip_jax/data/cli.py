@@ -36,6 +36,7 @@ def _cmd_synth(args) -> None:
         test_images=args.test_images,
         noise=args.noise,
         nonlinearity=args.nonlinearity,
+        fold=args.fold,
         seed=args.seed,
     )
     train = sets["train"]
@@ -141,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nonlinearity", type=float, default=DEFAULT_NONLINEARITY,
                    help=f"how far from linear the image-text relation is (default {DEFAULT_NONLINEARITY})")
+    p.add_argument("--fold", type=float, default=0.0,
+                   help="share of latent coordinates the captions see only by magnitude, which no linear map "
+                        "recovers (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tuning-size", type=int, default=100_000, help="rows in train_tuning (default 100000)")
     p.set_defaults(run=_cmd_synth)

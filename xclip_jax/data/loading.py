@@ -36,7 +36,7 @@ def load_sets(data_cfg, base_data_dir, splits=SPLITS, announce=print) -> dict[st
         kwargs = {key: value for key, value in (("noise", s.noise), ("nonlinearity", s.nonlinearity)) if value is not None}
         sets = synthetic_splits(n_images=s.images, captions_per_image=s.captions, image_dim=s.image_dim,
                                 text_dim=s.text_dim, val_images=s.val_images, test_images=s.test_images,
-                                seed=s.seed, latent_dim=s.latent_dim, **kwargs)
+                                seed=s.seed, latent_dim=s.latent_dim, fold=s.fold, **kwargs)
         out = {k: v for k, v in sets.items() if k in splits}
     else:
         out = {}

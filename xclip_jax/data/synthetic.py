@@ -59,6 +59,7 @@ def synthesize(
     noise: float = DEFAULT_NOISE,
     seed: int = 0,
     nonlinearity: float = DEFAULT_NONLINEARITY,
+    fold: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate a deterministic COCO-like set of (image, caption) rows.
 
@@ -76,8 +77,13 @@ def synthesize(
       noise: caption perturbation of the latent and additive embedding noise, both relative to
         a signal std of 1. The default gives a linear baseline image->text R@1 of about 0.5.
       seed: together with the sizes, determines every value.
-      nonlinearity: the std of each map's tanh input: how far from linear the relation between
-        the two sides is (1.5: a linear map nearly matches a trained head; 4: it does not).
+      nonlinearity: the std of each map's tanh input: how bent each random map is (larger values
+        saturate the tanh).
+      fold: the share of latent coordinates that the captions see only by magnitude
+        (``|z_j + noise * eps|``): an image and its mirror image in those coordinates get captions
+        drawn alike. The relation between the two sides then has an even part that no linear map
+        captures (a linear map sees a coordinate's sign, and the sign is gone) but a head with a
+        hidden layer learns; 0 keeps every coordinate as it is.
 
     Returns:
       (image_rows ``[rows, image_dim]`` float32, text_rows ``[rows, text_dim]`` float32,
@@ -91,6 +97,9 @@ def synthesize(
     maps_rng = np.random.default_rng([seed, 0])
     if nonlinearity <= 0:
         raise UserError(f"synthesize: nonlinearity {nonlinearity} must be > 0")
+    if not 0.0 <= fold <= 1.0:
+        raise UserError(f"synthesize: fold {fold} must be between 0 and 1")
+    n_fold = int(round(fold * latent_dim))
     image_map = _RandomMap.draw(maps_rng, latent_dim, image_dim, nonlinearity)
     text_map = _RandomMap.draw(maps_rng, latent_dim, text_dim, nonlinearity)
 
@@ -109,6 +118,7 @@ def synthesize(
 
         caption_z = np.repeat(z, c, axis=0)
         caption_z += f32(noise) * rng.standard_normal(caption_z.shape, dtype=f32)
+        np.abs(caption_z[:, :n_fold], out=caption_z[:, :n_fold])
         text = text_rows[start * c : stop * c]
         text_map(caption_z, out=text)
         text += f32(noise) * rng.standard_normal(text.shape, dtype=f32)
@@ -126,6 +136,7 @@ def synthetic_splits(
     seed: int = 0,
     latent_dim: int = 64,
     nonlinearity: float = DEFAULT_NONLINEARITY,
+    fold: float = 0.0,
 ) -> dict[str, EmbeddingSet]:
     """Synthetic ``train`` / ``val`` / ``test`` sets from one :func:`synthesize` call.
 
@@ -135,7 +146,7 @@ def synthetic_splits(
     total = n_images + val_images + test_images
     image_rows, text_rows, ids = synthesize(
         total, captions_per_image, image_dim, text_dim, latent_dim=latent_dim, noise=noise, seed=seed,
-        nonlinearity=nonlinearity,
+        nonlinearity=nonlinearity, fold=fold,
     )
     bounds = {"train": (0, n_images), "val": (n_images, n_images + val_images), "test": (n_images + val_images, total)}
     c = captions_per_image
