@@ -458,13 +458,16 @@ def bench_trial_startup() -> dict:
 STUDY_MODES = {"per-trial processes": 1, "warm runners": None}  # runner_max_trials (None: the config's)
 
 
-def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_trials, timeout: float) -> dict | None:
-    """One tuning study in a fresh storage and output folder; its wall time and where the time went."""
+def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_trials, timeout: float,
+               **overrides) -> dict | None:
+    """One tuning study in a fresh storage and output folder; its wall time and where the time went.
+    ``overrides`` replace top-level keys of the config (e.g. ``batch_trials=4``)."""
     import yaml
 
     raw = yaml.safe_load(config.read_text())
     if runner_max_trials is not None:
         raw["runner_max_trials"] = runner_max_trials
+    raw.update(overrides)
     run_dir = tmp / label.replace(" ", "_")
     run_dir.mkdir(parents=True)
     cfg_path = run_dir / "study.yaml"
@@ -488,10 +491,23 @@ def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_tria
     summary = json.loads((run_dir / "out" / "study_summary.json").read_text())
     best = json.loads((run_dir / "out" / "best_results.json").read_text())
     result = {"wall": wall, "counts": best.get("counts", {}), "best_value": best.get("best_value"),
-              "throughput": summary.get("throughput") or {}}
+              "throughput": summary.get("throughput") or {}, "best_baseline": best.get("best_baseline"),
+              "over_best_baseline": best.get("over_best_baseline")}
+    if best.get("best_baseline"):
+        # Trials (in number order) until one finished at or above the best baseline's val r1.
+        floor = best["best_value"] - best["over_best_baseline"]
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        trials = optuna.load_study(study_name=raw["study_name"], storage=f"sqlite:///{run_dir}/s.db").trials
+        result["trials_to_baseline"] = next((t.number + 1 for t in trials
+                                             if t.value is not None and t.value >= floor), None)
     record(f"study/{label}", round(wall, 2), "s", config=str(config.relative_to(REPO) if config.is_relative_to(REPO)
                                                               else config),
-           runner_max_trials=raw.get("runner_max_trials"), counts=result["counts"], best_value=result["best_value"],
+           runner_max_trials=raw.get("runner_max_trials"), batch_trials=raw.get("batch_trials", 1),
+           n_trials=raw.get("n_trials"), counts=result["counts"], best_value=result["best_value"],
+           best_baseline=result["best_baseline"], over_best_baseline=result["over_best_baseline"],
+           trials_to_baseline=result.get("trials_to_baseline"), fixed=raw.get("fixed"),
            throughput=result["throughput"], cpu_count=os.cpu_count())
     t = result["throughput"]
     log(f"study {label}: {wall:.1f} s, useful fraction {t.get('useful_fraction')}, best {result['best_value']}")
@@ -515,6 +531,44 @@ def bench_study(timeout: float, config: Path) -> dict:
         if per and warm:
             record(f"study_speedup/{cache_state} cache", round(per["wall"] / warm["wall"], 2), "x",
                    note="wall of one process per trial / wall of warm runners, same config, this run")
+    return results
+
+
+def bench_batch_trials(ks: list[int], timeout: float, config: Path) -> dict:
+    """The study once per ``batch_trials`` K (warm runners, each from an empty compilation cache of
+    its own), in one run: wall, trials per minute and best value side by side, and each K's wall
+    against the first K's."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="xclip_bench_bundles_") as tmp:
+        tmp = Path(tmp)
+        for k in ks:
+            label = f"batch_trials {k}"
+            results[k] = r = _run_study(config, tmp, label, tmp / f"cache_k{k}", None, timeout, batch_trials=k)
+            if r:
+                finished = sum(r["counts"].get(state, 0) for state in ("complete", "pruned"))
+                record(f"bundles/trials_per_minute/K={k}", round(60 * finished / r["wall"], 2), "trials/min",
+                       best_value=r["best_value"], wall=round(r["wall"], 2))
+    first = results.get(ks[0])
+    for k in ks[1:]:
+        if first and results.get(k):
+            record(f"bundles/speedup/K={k}", round(first["wall"] / results[k]["wall"], 2), "x",
+                   note=f"wall at batch_trials {ks[0]} / wall at batch_trials {k}, same config, this run")
+    return results
+
+
+def bench_init_cca(timeout: float, config: Path) -> dict:
+    """The study with ``fixed.init`` default and cca, in one run: best value, margin over the best
+    baseline and trials until a trial reached it, side by side."""
+    import yaml
+
+    fixed = yaml.safe_load(config.read_text()).get("fixed") or {}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="xclip_bench_init_") as tmp:
+        tmp = Path(tmp)
+        for init in ("default", "cca"):
+            label = f"init {init}"
+            results[label] = _run_study(config, tmp, label, tmp / f"cache_{init}", None, timeout,
+                                        fixed={**fixed, "init": init})
     return results
 
 
@@ -561,10 +615,15 @@ def markdown(header: dict, train: list[dict], peak: dict, metrics_s, startup, st
                      f"fraction {fmt(t.get('useful_fraction'))}: training {fmt(t.get('train_seconds'), '.0f')} s, "
                      f"start-up {fmt(t.get('startup_seconds'), '.0f')} s, compile {fmt(t.get('compile_seconds'), '.0f')} "
                      f"s, evaluation {fmt(t.get('eval_seconds'), '.0f')} s; {t.get('programs_compiled')} programs, "
-                     f"{t.get('compile_cache_hits')} from the persistent cache |")
+                     f"{t.get('compile_cache_hits')} from the persistent cache"
+                     + (f"; {r['over_best_baseline']:+.4f} over {r['best_baseline']}, reached within the first "
+                        f"{r.get('trials_to_baseline')} trials" if r.get("best_baseline") else "") + " |")
     for rec in (r for r in RECORDS if r["name"].startswith("study_speedup/")):
         lines.append(f"| study speed-up of warm runners over one process per trial, "
                      f"{rec['name'].split('/', 1)[1]} | {rec['value']:.2f}× |")
+    for rec in (r for r in RECORDS if r["name"].startswith("bundles/")):
+        what = "trials per minute" if "trials_per_minute" in rec["name"] else f"study speed-up over batch_trials {args.batch_trials[0]}"
+        lines.append(f"| {what}, {rec['name'].rsplit('/', 1)[1]} | {rec['value']:.2f} |")
     lines.append("")
     if train:
         peak_name = "bfloat16" if args.dtype == "bfloat16" else "float32"
@@ -604,6 +663,10 @@ def main(argv=None) -> int:
     study_group.add_argument("--skip-study", action="store_true", help="omit the quickstart tuning study")
     study_group.add_argument("--study", action="store_true",
                              help="run the study section with --quick too (four studies: ~10 min on 2 CPU cores)")
+    parser.add_argument("--batch-trials", type=int, nargs="+", metavar="K",
+                        help="run the study once per batch_trials K (e.g. 1 4), warm runners, and compare")
+    parser.add_argument("--init-cca", action="store_true",
+                        help="run the study with fixed init default and cca (linear/siglip heads) and compare")
     parser.add_argument("--study-timeout", type=float, default=900.0, help="seconds per study")
     parser.add_argument("--study-config", default=str(REPO / "configs" / "quickstart.yaml"),
                         help="the tuning config of the study section (default: the quickstart)")
@@ -674,6 +737,11 @@ def main(argv=None) -> int:
     startup = None if args.skip_startup else bench_trial_startup()
     save()
     study = bench_study(args.study_timeout, Path(args.study_config).resolve()) if run_study else None
+    if args.init_cca:
+        study = {**(study or {}), **bench_init_cca(args.study_timeout, Path(args.study_config).resolve())}
+    if args.batch_trials:
+        bundles = bench_batch_trials(args.batch_trials, args.study_timeout, Path(args.study_config).resolve())
+        study = {**(study or {}), **{f"warm runners, batch_trials {k}": r for k, r in bundles.items()}}
 
     peak = {}
     if blas:

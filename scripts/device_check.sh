@@ -14,7 +14,8 @@
 #   5. the 100-trial study of configs/default.yaml's search space on a 100,000-row synthetic set
 #      at COCO dims (1152/4096), n_jobs 3 warm runners on the one card, while nvidia-smi samples
 #      per-process GPU memory and GPU utilisation every second (its wall time, useful fraction and
-#      utilisation while trials train are the throughput issue's GPU targets)
+#      utilisation while trials train are the throughput issue's GPU targets); BATCH_TRIALS=K
+#      (default 1) trains K same-shape trials per program (batched trials), for the K sweep
 #   6. scripts/bench.py --coco in bfloat16 (mixed precision; last, so a short budget clips it first)
 # Outputs under $OUT (packed into all.tgz at the end, beside the summaries): stages.tsv (stage, rc, seconds), one log per stage, bench_fp32.json,
 # bench_bf16.json, nvidia_smi*.txt, gpu_mem_samples.csv, gpu_mem_summary.txt, study/ (summary,
@@ -123,10 +124,10 @@ run_stage bench_fp32 110 "$PY" scripts/bench.py --coco --skip-study --random-dat
 
 # ------------------------------------------------------------------ 5. a short study, 3 trials on one card
 if [ "$DRY" = "1" ]; then
-    STUDY_SIZES="images=600 image_dim=64 text_dim=128 val=200 test=200 n_trials=2 n_jobs=2 max_epochs=2 timeout=20 dry=1"
+    STUDY_SIZES="images=600 image_dim=64 text_dim=128 val=200 test=200 n_trials=2 n_jobs=2 max_epochs=2 timeout=20 dry=1 batch_trials=${BATCH_TRIALS:-1}"
     STUDY_LIMIT=90
 else
-    STUDY_SIZES="images=20000 image_dim=1152 text_dim=4096 val=1000 test=1000 n_trials=100 n_jobs=3 max_epochs=8 timeout=540"
+    STUDY_SIZES="images=20000 image_dim=1152 text_dim=4096 val=1000 test=1000 n_trials=100 n_jobs=3 max_epochs=8 timeout=540 batch_trials=${BATCH_TRIALS:-1}"
     STUDY_LIMIT=600
 fi
 # shellcheck disable=SC2086  # STUDY_SIZES is word-split on purpose (key=value arguments)
@@ -143,7 +144,8 @@ cfg["data"] = {"synthetic": {"images": int(kv["images"]), "captions": 5, "image_
                              "test_images": int(kv["test"])}}
 cfg.update(study_name="device_check_coco", n_trials=int(kv["n_trials"]), n_jobs=int(kv["n_jobs"]),
            max_epochs=int(kv["max_epochs"]), timeout=float(kv["timeout"]), storage=f"sqlite:///{work}/study.db",
-           output_dir=f"{work}/study_out", checkpoint_dir=f"{work}/study_out/checkpoints")
+           output_dir=f"{work}/study_out", checkpoint_dir=f"{work}/study_out/checkpoints",
+           batch_trials=int(kv.get("batch_trials", 1)))
 if kv.get("dry") == "1":  # tiny CPU dry run: small batches and widths, same parameters otherwise
     space = cfg["search_space"]
     space["batch_size"]["choices"] = [256, 512]

@@ -17,8 +17,9 @@ DEFAULT_NOISE = 1.75
 
 _MAP_HIDDEN = 256  # hidden width of each random map: richer than the latent, so maps are curved
 # Pre-activation std of each random map's tanh (``nonlinearity``): at 1.5 the tanh clearly bends but
-# rarely saturates, and a linear map between the two sides does nearly as well as a trained head;
-# larger values saturate it, so that only a non-linear head recovers the shared latent.
+# rarely saturates, and a linear map between the two sides does nearly as well as a trained head.
+# Larger values saturate it but do not, alone, put a trained head ahead (at 3 and 5, noise 1.0, the
+# CCA baseline still beat clip and mlp heads on 3,000 images); ``fold`` does.
 DEFAULT_NONLINEARITY = 1.5
 _CHUNK_IMAGES = 2048  # images per generation step, which bounds the temporaries
 
