@@ -289,8 +289,9 @@ def _prune_at(epoch):
     return hook
 
 
-@pytest.mark.parametrize("head,loss", [("siglip", "sigmoid_infonce"), ("clip", "softmax_infonce"),
-                                       ("mlp", "queue_infonce"), ("attention", "softmax_infonce")])
+# Two combinations (the sigmoid loss's bias, the queue's carried state) at the fit-loop level; every
+# head and loss is checked member by member, with a masked member, at the epoch level in test_step.py.
+@pytest.mark.parametrize("head,loss", [("siglip", "sigmoid_infonce"), ("mlp", "queue_infonce")])
 def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     """fit_bundle against fit, member by member (same seeds): the same intermediate values to float32
     tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
