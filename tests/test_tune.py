@@ -217,10 +217,11 @@ def test_devices_spread_concurrent_trials_over_the_cards(tmp_path):
 def test_a_warm_runner_compiles_a_seen_shape_once_and_is_recycled(tmp_path):
     """One point of the search space four times, n_jobs 1, runner_max_trials 3: the first trial
     compiles its programs, the next two in the same process compile nothing, the fourth runs in a
-    fresh runner that loads them from the persistent cache."""
+    fresh runner that loads them from the persistent cache. The CCA warm start's own jitted code
+    also loads from that cache in the fourth trial; it is not one of the trial's programs."""
     cfg_path = write(tmp_path, n_trials=4, n_jobs=1, runner_max_trials=3, max_epochs=2, pruner={"type": "NopPruner"},
                      search_space={"learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
-                     fixed={"output_dim": 16, "head_type": "clip", "hidden_dim": 16, "batch_size": 128})
+                     fixed={"output_dim": 16, "head_type": "linear", "init": "cca", "batch_size": 128})
     done = tune_run(tmp_path, cfg_path, env_patch={"XCLIP_JAX_CACHE": str(tmp_path / "fresh_cache")})
     assert done.returncode == 0, done.stdout + done.stderr
     trials = load(tmp_path).get_trials()

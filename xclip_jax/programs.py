@@ -72,7 +72,9 @@ class Programs:
                                          getattr(c, "seconds", 0.0) + seconds)
 
     def _on_event(self, event: str, **_):
-        if event == "/jax/compilation_cache/cache_hits":
+        # Only hits of this class's own compiles count: other jitted code in the trial (the CCA warm
+        # start's moments, say) also loads from the persistent cache, on the same thread.
+        if event == "/jax/compilation_cache/cache_hits" and getattr(self._counts, "compiling", False):
             self._count(hits=1)
 
     def counters(self) -> tuple[int, int, float]:
@@ -97,7 +99,11 @@ class Programs:
         try:
             t0 = time.perf_counter()
             options = FAST_COMPILE if fast and self.fast_compile else None
-            compiled = lower().compile(compiler_options=options)
+            self._counts.compiling = True
+            try:
+                compiled = lower().compile(compiler_options=options)
+            finally:
+                self._counts.compiling = False
             with self._lock:
                 self._compiled[key] = compiled
             self._count(compiled=1, seconds=time.perf_counter() - t0)
