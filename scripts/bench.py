@@ -499,7 +499,7 @@ def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_tria
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        trials = optuna.load_study(study_name=raw["study_name"], storage=f"sqlite:///{run_dir}/s.db").trials
+        trials = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir}/s.db").trials
         result["trials_to_baseline"] = next((t.number + 1 for t in trials
                                              if t.value is not None and t.value >= floor), None)
     record(f"study/{label}", round(wall, 2), "s", config=str(config.relative_to(REPO) if config.is_relative_to(REPO)
