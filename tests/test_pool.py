@@ -205,3 +205,23 @@ def test_a_worker_that_does_not_take_jobs_ahead_gets_one_at_a_time(tmp_path):
     pool = _pool(tmp_path, size=1, max_jobs=10)
     pool.submit("a", {"do": "echo", "seconds": 0.5}, tmp_path / "a.log")
     assert not pool.has_room()
+
+
+def test_a_worker_retired_for_memory_still_counts_while_it_runs_its_queued_job(tmp_path):
+    """A worker over its memory bound after a job is retired, but runs the job it had queued (ahead):
+    until it does, it holds its place in the pool and its device."""
+    pool = _pool(tmp_path, size=1, max_jobs=10, max_rss_bytes=96 << 20, devices=[0, 1])
+    pool.submit("a", {"do": "echo", "ahead": True}, tmp_path / "a.log")
+    _drain(pool, ["a"])
+    worker = pool.submit("b", {"do": "hog", "mb": 160, "seconds": 0.5, "ahead": True}, tmp_path / "b.log")
+    pool.submit("c", {"do": "echo", "seconds": 3.0}, tmp_path / "c.log")  # queued ahead on the same worker
+    _drain(pool, ["b"])
+    assert worker.retiring and [job.id for job in worker.jobs] == ["c"]
+    assert not pool.has_room()  # a new worker now would be one more than size
+    assert pool._pick_device() == 1  # and its device is still busy
+    assert _drain(pool, ["c"])["c"].kind == "done"
+    wait_until = time.time() + 10
+    while pool.workers and time.time() < wait_until:
+        pool.poll()
+        time.sleep(0.05)
+    assert pool.has_room() and pool._pick_device() == 0

@@ -159,10 +159,16 @@ class Pool:
             return False
         return not worker.jobs or (worker.ahead and len(worker.jobs) == 1)
 
+    @staticmethod
+    def _occupies(worker: Worker) -> bool:
+        # A retired worker still counts (toward size, and on its device) while it has a job: one
+        # retired for its memory after a job runs the job it had queued before it exits.
+        return not worker.retiring or bool(worker.jobs)
+
     def has_room(self) -> bool:
         """Whether a job submitted now would be taken: by an idle worker, a worker that takes its next
         job ahead, or a new worker."""
-        live = [w for w in self.workers if not w.retiring]
+        live = [w for w in self.workers if self._occupies(w)]
         return len(live) < self.size or any(self._takes_job(w) for w in live)
 
     def submit(self, job: str, payload: dict, log_path: Path) -> Worker:
@@ -211,8 +217,8 @@ class Pool:
     def _pick_device(self) -> int | None:
         if not self.devices:
             return None
-        # A retiring worker is exiting and runs nothing more: its device is free.
-        load = collections.Counter(w.device for w in self.workers if not w.retiring and w.proc.poll() is None)
+        # A retired worker with no job left is exiting: its device is free.
+        load = collections.Counter(w.device for w in self.workers if self._occupies(w) and w.proc.poll() is None)
         return min(self.devices, key=load.__getitem__)
 
     # -- watching them ---------------------------------------------------------------------
