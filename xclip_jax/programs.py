@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,15 @@ def _shape_key(tree) -> tuple:
     return treedef, tuple((x.shape, str(x.dtype), x.weak_type) for x in leaves)
 
 
+class _Compiling:
+    """A compile in progress: the threads that need the same program wait for it, and get its error
+    when it fails (the owner may be a thread that compiles ahead and reports to no one)."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
 class Programs:
     """The compiled programs of training (state init, epoch, evaluation, params copy), compiled ahead
     of time, keyed on static shapes only, and kept: a warm trial runner compiles nothing for a trial
@@ -55,23 +65,32 @@ class Programs:
     """
 
     def __init__(self, fast_compile: bool | None = None):
-
         from jax import monitoring
 
         self._compiled: dict = {}
-        self._pending: dict = {}
+        self._pending: dict[tuple, _Compiling] = {}
         self._lock = threading.Lock()
         # Per thread: a runner's main thread trains one trial while another thread compiles the next.
         self._counts = threading.local()
         self.fast_compile = jax.default_backend() == "cpu" if fast_compile is None else fast_compile
-        monitoring.register_event_listener(self._on_event)
+        # JAX keeps its listeners for the life of the process: the one registered here holds this
+        # object only weakly, and goes when the object does, so its compiled programs can be freed.
+        me = weakref.ref(self)
+
+        def listener(event: str, **_):
+            programs = me()
+            if programs is not None:
+                programs._on_event(event)
+
+        monitoring.register_event_listener(listener)
+        weakref.finalize(self, monitoring.unregister_event_listener, listener)
 
     def _count(self, compiled=0, hits=0, seconds=0.0) -> None:
         c = self._counts
         c.compiled, c.hits, c.seconds = (getattr(c, "compiled", 0) + compiled, getattr(c, "hits", 0) + hits,
                                          getattr(c, "seconds", 0.0) + seconds)
 
-    def _on_event(self, event: str, **_):
+    def _on_event(self, event: str):
         # Only hits of this class's own compiles count: other jitted code in the trial (the CCA warm
         # start's moments, say) also loads from the persistent cache, on the same thread.
         if event == "/jax/compilation_cache/cache_hits" and getattr(self._counts, "compiling", False):
@@ -85,16 +104,17 @@ class Programs:
         return c.compiled, c.hits, c.seconds
 
     def _get(self, key, lower, fast: bool):
-
         with self._lock:
             if key in self._compiled:
                 return self._compiled[key]
-            event = self._pending.get(key)
-            owner = event is None
+            compiling = self._pending.get(key)
+            owner = compiling is None
             if owner:
-                event = self._pending[key] = threading.Event()
-        if not owner:  # another thread compiles it right now
-            event.wait()
+                compiling = self._pending[key] = _Compiling()
+        if not owner:  # another thread compiles it right now: its program, or its error
+            compiling.done.wait()
+            if compiling.error is not None:
+                raise compiling.error
             return self._compiled[key]
         try:
             t0 = time.perf_counter()
@@ -108,10 +128,13 @@ class Programs:
                 self._compiled[key] = compiled
             self._count(compiled=1, seconds=time.perf_counter() - t0)
             return compiled
+        except BaseException as e:
+            compiling.error = e
+            raise
         finally:
             with self._lock:
                 del self._pending[key]
-            event.set()
+            compiling.done.set()
 
     def init_fn(self, spec: TrainSpec):
         """The state-init program of ``spec``: ``init_fn(*state_args(spec, seed)[1:])`` is
