@@ -240,7 +240,7 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
         assert not np.allclose(kernel[0], kernel[1])
         return
     read = {"dropout": lambda s: s.dropout, "temperature": lambda s: np.exp(-s.params["loss"]["log_scale"]),
-            "learning_rate": lambda s: s.opt_state[1].hyperparams["learning_rate"],
-            "weight_decay": lambda s: s.opt_state[1].hyperparams["weight_decay"]}[key]
+            "learning_rate": lambda s: s.opt_state.hyperparams["learning_rate"],
+            "weight_decay": lambda s: s.opt_state.hyperparams["weight_decay"]}[key]
     assert float(jax.device_get(read(states[1]))) == pytest.approx(value, rel=1e-6)
     assert float(jax.device_get(read(states[0]))) != pytest.approx(value, rel=1e-6)

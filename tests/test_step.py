@@ -1,9 +1,12 @@
 """The step module: the train step, one-program epochs, the optimizer, and learning on the synthetic set."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from xclip_jax import data, train_step
@@ -99,12 +102,93 @@ def test_optimizer_clips_global_norm():
              "loss": {"log_scale": jnp.zeros(()), "bias": jnp.zeros(())}}
     updates, opt_state = tx.update(grads, tx.init(params), params)
     scale = 0.5 / 130.0  # global norm of the gradient: sqrt(30² + 40² + 120²) = 130
-    nu = opt_state[1].inner_state.inner_states["heads"].inner_state[0].nu
+    nu = opt_state.inner_state.inner_states["heads"].inner_state[1][0].nu
     b2 = 0.999
     np.testing.assert_allclose(nu["image"]["w"], (1 - b2) * (scale * np.array([30.0, -40.0, 0.0])) ** 2, rtol=1e-5)
     np.testing.assert_allclose(nu["text"]["w"], (1 - b2) * (scale * np.array([0.0, 0.0, 120.0])) ** 2, rtol=1e-5)
     # frozen loss params get no update
     assert float(updates["loss"]["bias"]) == 0.0 and float(updates["loss"]["log_scale"]) == 0.0
+
+
+def _adam_nu(state):
+    return state.opt_state.inner_state.inner_states["heads"].inner_state[1][0].nu
+
+
+def test_frozen_loss_params_do_not_count_in_the_clip(sets):
+    """A fixed temperature's (and a switched-off bias's) gradients are not trained: they neither set
+    the heads' clip factor nor the reported grad norm. Here the heads' gradient norm is below
+    max_grad_norm, so their update is not clipped: Adam's ν is (1 − b2)·g² of the raw gradient."""
+    d = to_device(sets["train"])
+    batch = _batch(d)
+    spec = _spec("siglip", "sigmoid_infonce", learnable_bias=False)
+    state = create_train_state(spec, seed=0)
+    from xclip_jax.step import _forward, compute_loss
+
+    def loss_fn(params):
+        zi, zt = _forward(state.spec, params, batch, jax.random.fold_in(state.rng["dropout"], 0), state.dropout)
+        return compute_loss(state.spec.loss, params["loss"], zi, zt, batch["ids"], None)[0]
+
+    grads = jax.grad(loss_fn)(state.params)
+    heads_norm = float(optax.tree.norm({"image": grads["image"], "text": grads["text"]}))
+    global_norm = float(optax.tree.norm(grads))
+    assert global_norm > heads_norm * 1.01  # the frozen log_scale's gradient adds to the global norm
+    clip = (heads_norm + global_norm) / 2  # above the heads' norm, below the global one
+    state = create_train_state(dataclasses.replace(spec, training=dataclasses.replace(spec.training, max_grad_norm=clip)),
+                               seed=0)
+    new, metrics = train_step(state, batch)
+    assert float(metrics["grad_norm"]) == pytest.approx(heads_norm, rel=1e-4)
+    b2 = 0.999
+    jax.tree.map(lambda nu, g: np.testing.assert_allclose(nu, (1 - b2) * np.asarray(g) ** 2, rtol=1e-3, atol=1e-12),
+                 _adam_nu(new)["image"], grads["image"])
+
+
+def test_a_learnable_scale_above_its_bound_comes_back():
+    """The scale's bound holds on the parameter after each update, with a gradient at every value: a
+    log_scale that got above log 100 is back at the bound after one step, and moves on from there."""
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.standard_normal((32, DI)), jnp.float32),
+             "text": jnp.asarray(rng.standard_normal((32, DT)), jnp.float32),
+             "ids": jnp.asarray(np.arange(32), jnp.int32)}
+    state = create_train_state(_spec("siglip", "softmax_infonce", batch=32, learnable_temp=True, lr=1e-2), seed=0)
+    bound = float(np.log(100.0))
+    state = state.replace(params={**state.params, "loss": {**state.params["loss"], "log_scale": jnp.float32(bound + 1)}})
+    state, _ = train_step(state, batch)
+    assert float(state.params["loss"]["log_scale"]) <= bound + 1e-6
+    scales = []
+    for _ in range(5):
+        state, metrics = train_step(state, batch)
+        scales.append(float(state.params["loss"]["log_scale"]))
+        assert float(metrics["temperature"]) >= 0.01 - 1e-7
+    assert min(scales) < bound - 1e-3  # random pairs ask for a higher temperature: it leaves the bound
+
+
+def test_dropout_and_shuffle_keys_never_coincide():
+    """The state's key is split once into streams: no step's dropout key (either head's) is any
+    epoch's shuffle key. One stream derived from the other by fold_in collides under partitionable
+    threefry, where split(k)[i] == fold_in(k, i)."""
+    from xclip_jax.step import dropout_key, shuffle_key
+
+    assert jax.config.jax_threefry_partitionable  # the PRNG mode the golden numbers below were taken in
+    state = create_train_state(_spec(), seed=0)
+    keys = []
+    for step in range(40):
+        at = state.replace(step=jnp.int32(step))
+        keys += [shuffle_key(at), *jax.random.split(dropout_key(at))]
+    as_tuples = {tuple(np.asarray(jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k).ravel())
+                 for k in keys}
+    assert len(as_tuples) == len(keys)
+
+
+def test_validation_loss_ignores_the_training_queue(sets):
+    """The queue holds training texts and training ids: the validation loss must not depend on it."""
+    from xclip_jax.step import eval_loss
+
+    train_d, val_d = to_device(sets["train"]), to_device(sets["val"])
+    state = _state("mlp", "queue_infonce")
+    trained, _ = run_epoch(state, train_d)  # its queue is full of training texts
+    empty = trained.replace(queue=create_train_state(trained.spec, seed=0).queue)
+    assert bool(jnp.any(trained.queue.valid_Q)) and not bool(jnp.any(empty.queue.valid_Q))
+    assert float(eval_loss(trained, val_d)) == pytest.approx(float(eval_loss(empty, val_d)), rel=1e-6)
 
 
 # Recorded once from one train_step of the default-initialised heads on the fixed batch below: a

@@ -140,5 +140,12 @@ def queue_infonce(zi, zt, ids, queue: QueueState, *, temperature, mask_batch_dup
 
 
 def temperature_from_log_scale(log_scale):
-    """τ = exp(−log_scale), with the scale clamped to at most 100."""
-    return jnp.exp(-jnp.minimum(log_scale, MAX_LOG_SCALE))
+    """τ = exp(−log_scale). The scale's bound (≤ 100) is kept on the parameter, after each update
+    (``clamp_log_scale``): a clamp here would have zero gradient above it, and a learnable scale that
+    Adam's momentum carried past it would never come back."""
+    return jnp.exp(-log_scale)
+
+
+def clamp_log_scale(log_scale):
+    """The learnable scale's bound, applied to the parameter: scale = exp(log_scale) ≤ 100."""
+    return jnp.minimum(log_scale, MAX_LOG_SCALE)

@@ -88,7 +88,7 @@ class TrainState:
     dropout: jax.Array  # the rate, as data: trials differing only in it share one compiled program
     opt_state: Any
     queue: losses.QueueState | None
-    rng: jax.Array
+    rng: dict  # {"dropout", "shuffle"}: independent streams, each folded with the step
     spec: TrainSpec = struct.field(pytree_node=False)
 
 
@@ -113,26 +113,26 @@ def _loss_labels(loss: LossSpec):
 
 
 def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: float = 0.0):
-    """Global-norm clipping, then AdamW on the heads and Adam (no decay) on learnable loss params.
+    """AdamW on the heads after clipping *their* gradients' global norm (``max_grad_norm``), as the
+    original clips the heads' parameters only; Adam (no decay, no clip) on learnable loss params;
+    nothing on frozen ones, whose gradients touch neither the clip nor anything else.
 
-    ``learning_rate`` and ``weight_decay`` live in the optimizer state (optax.inject_hyperparams),
-    so trials that differ only in them share one compiled program.
+    ``learning_rate`` and ``weight_decay`` live in the optimizer state (optax.inject_hyperparams:
+    ``opt_state.hyperparams``), so trials that differ only in them share one compiled program.
     """
 
     def inner(learning_rate, weight_decay):
         return optax.multi_transform(
             {
-                "heads": optax.adamw(learning_rate, weight_decay=weight_decay),
+                "heads": optax.chain(optax.clip_by_global_norm(spec.training.max_grad_norm),
+                                     optax.adamw(learning_rate, weight_decay=weight_decay)),
                 "loss": optax.adam(learning_rate),
                 "frozen": optax.set_to_zero(),
             },
             _loss_labels(spec.loss),
         )
 
-    return optax.chain(
-        optax.clip_by_global_norm(spec.training.max_grad_norm),
-        optax.inject_hyperparams(inner)(learning_rate=learning_rate, weight_decay=weight_decay),
-    )
+    return optax.inject_hyperparams(inner)(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
 def state_args(spec: TrainSpec, seed: int) -> tuple:
@@ -156,16 +156,19 @@ def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
 
 
 def _fresh_state_core(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
-    k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+    # One split into independent streams: the init, the dropout of each step and the shuffle of each
+    # epoch (each folded with the step). Deriving two of them from one key by fold_in and split
+    # would collide: under partitionable threefry split(k)[i] == fold_in(k, i).
+    k_init, k_dropout, k_shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = init_head_params(spec.head, spec.image_dim, spec.text_dim, k_init)
     sigmoid_bias = spec.loss.type == "sigmoid_infonce" and spec.loss.learnable_bias
-    params["loss"] = {"log_scale": -jnp.log(temperature),
+    params["loss"] = {"log_scale": losses.clamp_log_scale(-jnp.log(temperature)),
                       "bias": jnp.asarray(losses.SIGLIP_BIAS_INIT if sigmoid_bias else 0.0, jnp.float32)}
     tx = make_optimizer(spec, learning_rate, weight_decay)
     queue = (losses.init_queue(spec.loss.queue_size, spec.head.output_dim)
              if spec.loss.type == "queue_infonce" else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, dropout=dropout, opt_state=tx.init(params),
-                      queue=queue, rng=k_run, spec=spec)
+                      queue=queue, rng={"dropout": k_dropout, "shuffle": k_shuffle}, spec=spec)
 
 
 # One compiled program instead of dozens of eager ones; the hyperparameters and the seed are
@@ -222,9 +225,19 @@ def _forward(spec: TrainSpec, params, batch, rng, dropout_rate):
     return zi, zt
 
 
+def dropout_key(state: TrainState) -> jax.Array:
+    """The key of this step's dropout (split once more: image head, text head)."""
+    return jax.random.fold_in(state.rng["dropout"], state.step)
+
+
+def shuffle_key(state: TrainState) -> jax.Array:
+    """The key of the shuffle of the epoch that starts at this step."""
+    return jax.random.fold_in(state.rng["shuffle"], state.step)
+
+
 def _train_step(state: TrainState, batch: dict):
     spec = state.spec
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = dropout_key(state)
 
     def loss_fn(params):
         zi, zt = _forward(spec, params, batch, rng, state.dropout)
@@ -234,9 +247,10 @@ def _train_step(state: TrainState, batch: dict):
     tx = make_optimizer(spec)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params["loss"] = {**params["loss"], "log_scale": losses.clamp_log_scale(params["loss"]["log_scale"])}
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": optax.tree.norm({"image": grads["image"], "text": grads["text"]}),  # what is clipped
         "temperature": losses.temperature_from_log_scale(params["loss"]["log_scale"]),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue), metrics
@@ -257,7 +271,7 @@ def _gather(data: DeviceData, idx_B):
 def _epoch(state: TrainState, data: DeviceData):
     batch_size = state.spec.batch_size
     steps = data.rows // batch_size
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
+    key = shuffle_key(state)
     # One sort of random 32-bit keys (ties, ~rows²/2³³ pairs, keep their order): half the compile
     # time and run time of jax.random.permutation's several sorting rounds.
     perm = jnp.argsort(jax.random.bits(key, (data.rows,), jnp.uint32))
@@ -303,8 +317,15 @@ def run_bundle_epoch(states: TrainState, data: DeviceData, active_K):
 
 @jax.jit
 def eval_loss(state: TrainState, data: DeviceData):
-    """Mean loss over the set's full batches, in order, without dropout; never touches the queue."""
+    """Mean loss over the set's full batches, in order, without dropout.
+
+    Without the queue, too: its entries are training texts, whose ids (training image indices)
+    mean nothing against a validation batch's ids, so masking the queue's positives would compare
+    unrelated numbers. A queue loss is scored against its batch's texts alone.
+    """
     spec = state.spec
+    # One empty slot: the queue loss's own formula, with nothing in the queue.
+    queue = None if state.queue is None else losses.init_queue(1, spec.head.output_dim)
     steps = max(data.rows // spec.batch_size, 1)
     batch_size = min(spec.batch_size, data.rows)
     idx_SxB = jnp.arange(steps * batch_size).reshape(steps, batch_size)
@@ -314,7 +335,7 @@ def eval_loss(state: TrainState, data: DeviceData):
         batch = _gather(data, idx_B)
         zi = image_head.apply({"params": state.params["image"]}, batch["image"])
         zt = text_head.apply({"params": state.params["text"]}, batch["text"])
-        loss, _ = compute_loss(spec.loss, state.params["loss"], zi, zt, batch["ids"], state.queue)
+        loss, _ = compute_loss(spec.loss, state.params["loss"], zi, zt, batch["ids"], queue)
         return None, loss
 
     _, per_step = jax.lax.scan(body, None, idx_SxB)
