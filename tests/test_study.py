@@ -2,6 +2,11 @@
 combinations skipped when sampled), the pruner's reach, asking and counting trials."""
 
 import dataclasses
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -10,6 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tests.conftest import TUNE, write
+from tests.test_faults import requires_pg
 from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError
@@ -104,3 +110,80 @@ def test_combinations_only_some_draws_hit_are_skipped_when_sampled(tmp_path):
                            for t in skipped)
     c = st.counts(study)
     assert c["finished"] == 30 and c["skipped"] == len(skipped)  # skipped draws count toward nothing
+
+
+# Drivers sharing one storage: started together on a new one (schema and study created in a race),
+# each asking trials as a driver does. Plain processes: the same calls as the driver, no training.
+_ASKER = textwrap.dedent("""\
+    import sys, time
+    from xclip_jax import study as st
+    from xclip_jax.storage import make_storage
+    from xclip_jax.tune_config import load_tune_config
+    cfg = load_tune_config(sys.argv[1])
+    cfg = __import__("dataclasses").replace(cfg, storage=sys.argv[2], n_trials=1000)
+    time.sleep(max(float(sys.argv[3]) - time.time(), 0))  # every process starts its storage calls at once
+    storage = make_storage(cfg.storage, heartbeat=(1, 5))
+    study = st.open_study(storage, cfg)
+    for _ in range(int(sys.argv[4])):
+        trial = st.ask_trial(study, storage, cfg, (16, 24), 1500)
+        study.tell(trial, 0.5)
+""")
+
+
+def _fresh_pg_database():
+    """A new, empty PostgreSQL database (dropped by the caller): a new storage, as a first driver meets it."""
+    import sqlalchemy as sa
+
+    from tests.test_faults import PG_URL  # the same server as the fault tests
+
+    name = f"xclip_race_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f"CREATE DATABASE {name}"))
+    return PG_URL.rsplit("/", 1)[0] + f"/{name}", lambda: _drop(admin, name)
+
+
+def _drop(admin, name):
+    import sqlalchemy as sa
+
+    with admin.connect() as c:
+        c.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=requires_pg)])
+def test_drivers_started_together_on_a_new_storage_all_run_and_never_repeat_draws(tmp_path, backend):
+    cfg_path = write(tmp_path)
+    if backend == "sqlite":
+        url, drop = f"sqlite:///{tmp_path}/new.db", lambda: None
+    else:
+        url, drop = _fresh_pg_database()
+    drivers, asks = 4, 5  # 4 × 5 = 20 ≥ 2 × the start-up trials (TPE's 10 by default)
+    try:
+        start = time.time() + 3
+        procs = [subprocess.Popen([sys.executable, "-c", _ASKER, str(cfg_path), url, repr(start), str(asks)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(drivers)]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * drivers, outs
+        assert not any("unreachable" in out for out in outs)
+        trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+        ran = [t for t in trials if space.SKIPPED_ATTR not in t.system_attrs]
+        assert len(ran) == drivers * asks
+        drawn = [tuple(sorted(t.params.items())) for t in ran]
+        assert len(set(drawn)) == len(drawn), "two drivers drew the same parameters"
+    finally:
+        drop()
+
+
+def test_a_resumed_study_does_not_repeat_its_first_trials(tmp_path):
+    cfg = load_tune_config(write(tmp_path))
+    storage = make_storage(cfg.storage, heartbeat=(1, 5))
+    first = st.open_study(storage, cfg)
+    for _ in range(3):
+        first.tell(st.ask_trial(first, storage, cfg, (16, 24), 1500), 0.5)
+    resumed = st.open_study(make_storage(cfg.storage, heartbeat=(1, 5)), cfg)  # a new driver process's sampler
+    for _ in range(3):
+        resumed.tell(st.ask_trial(resumed, storage, cfg, (16, 24), 1500), 0.5)
+    params = [tuple(sorted(t.params.items())) for t in resumed.get_trials() if space.SKIPPED_ATTR not in t.system_attrs]
+    assert len(params) == 6 and len(set(params)) == 6

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -63,15 +65,52 @@ def make_storage(url: str, *, heartbeat: tuple[float, float] | None = None, must
     kwargs = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat[0], grace_period=heartbeat[1])
-    try:
+
+    def open_it():
         with quiet_optuna():
             return RDBStorage(full, engine_kwargs=engine_kwargs, **kwargs)
+
+    try:
+        return retry_races(open_it)
     except ImportError:  # Optuna's own check, or SQLAlchemy's import of the driver
         raise UserError(f"storage {shown}: its database driver is not installed; for PostgreSQL "
                         "pip install '.[postgres]' (psycopg 3) and use postgresql+psycopg://…") from None
-    except Exception as e:  # sqlalchemy raises many kinds; all mean the same to the user
+    except Exception as e:  # sqlalchemy raises many kinds
+        if is_race(e):
+            raise UserError(f"storage {shown}: creating its tables kept colliding with other drivers doing the same "
+                            f"({mask_secrets(exception_line(e))}); rerun the command") from None
         raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
                         "that the server runs") from None
+
+
+RACE_ATTEMPTS = 8
+
+
+def is_race(e: BaseException) -> bool:
+    """Whether ``e`` is what a lost race to create the same rows or tables raises (another driver
+    created them first), as opposed to a storage that is unreachable or refuses us."""
+    try:
+        from sqlalchemy import exc
+    except ImportError:
+        return False
+    if isinstance(e, exc.IntegrityError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, (exc.ProgrammingError, exc.OperationalError)) and any(
+        words in text for words in ("already exists", "database is locked", "deadlock detected"))
+
+
+def retry_races(create, attempts: int = RACE_ATTEMPTS):
+    """``create()``, again after a short random wait while it loses a race (``is_race``): drivers
+    started at the same moment on a new storage all create its schema and study; one wins each row,
+    the others then find it there."""
+    for attempt in range(attempts):
+        try:
+            return create()
+        except Exception as e:
+            if not is_race(e) or attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
 
 
 @contextlib.contextmanager

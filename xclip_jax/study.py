@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from xclip_jax import space
 from xclip_jax.errors import UserError, exception_line, mask_secrets
-from xclip_jax.storage import make_storage, quiet_optuna
+from xclip_jax.storage import make_storage, quiet_optuna, retry_races
 from xclip_jax.tune_config import (
     TuneConfig,
 )
@@ -39,13 +39,60 @@ def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial, always: boo
                                               system_attrs={"failed_trial": trial.number}))
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial ``number`` of a study seeded ``seed``."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose draws for each trial come from the configured seed and the trial's number.
+
+    Trial numbers are handed out by the storage, so drivers that share one (a resume, a second
+    machine, two started at the same moment) never make the same random draws, while one driver of
+    a fresh study draws exactly what it drew before (reproducible). A sampler seeded once per
+    process would repeat its start-up draws in every driver. ``build(seed)`` makes the sampler
+    (public API only); it is rebuilt per trial, which keeps nothing but its random state: every
+    sampler here reads what it learns from the storage.
+    """
+
+    def __init__(self, build, seed: int):
+        self._build, self._seed = build, seed
+        self._base = build(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._base = self._build(trial_seed(self._seed, trial.number))
+        self._base.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._base.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._base.reseed_rng()
+
+
 def make_sampler(cfg: TuneConfig):
+    """The config's sampler, its draws seeded per trial (``TrialSeededSampler``)."""
     s = cfg.sampler
-    if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    with quiet_optuna():
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, group=s.multivariate,
-                                          constant_liar=s.constant_liar, n_startup_trials=s.n_startup_trials)
+
+    def build(seed: int):
+        if s.type == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        with quiet_optuna():
+            return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, group=s.multivariate,
+                                              constant_liar=s.constant_liar, n_startup_trials=s.n_startup_trials)
+
+    return TrialSeededSampler(build, s.seed)
 
 
 def make_pruner(cfg: TuneConfig):
@@ -103,6 +150,26 @@ def ask_trial(study: optuna.Study, storage, cfg: TuneConfig, dims: tuple[int, in
         study.tell(trial.number, state=TrialState.PRUNED)
     raise UserError(f"search_space: the last {MAX_SKIPPED_IN_A_ROW} sampled combinations could not run "
                     f"({problem}); remove the choices that cause it")
+
+
+def open_study(storage, cfg: TuneConfig) -> optuna.Study:
+    """Create the config's study, or load it when it exists, and store its search space (checked
+    before, by ``space.check_space``). Safe to race: drivers started at the same moment on one
+    storage each end with the one study (a lost race to create a row is retried)."""
+    def create():
+        with quiet_optuna():
+            study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=make_sampler(cfg),
+                                        pruner=make_pruner(cfg), direction="maximize", load_if_exists=True)
+        space.store_space(study, cfg)
+        return study
+
+    try:
+        return retry_races(create)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"storage {mask_secrets(cfg.storage)}: cannot open study {cfg.study_name!r} "
+                        f"({mask_secrets(exception_line(e))}); check the storage URL") from None
 
 
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
