@@ -16,7 +16,7 @@ LAYERS = [
     {"config", "data", "figures", "storage", "runtime", "pool"},             # edges, I/O, processes
     {"tune_config", "step", "baselines"},                                # tuning config; the training step; baselines
     {"checkpoint", "programs", "space", "study", "study_plots"},         # checkpoints, kept programs; the study policy
-    {"evaluate", "fit", "report"},                                       # a run's evaluation, the fit loop; a study's outputs
+    {"evaluate", "fit", "report", "export"},                             # evaluation, the fit loop; study outputs; export
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver
 ]
