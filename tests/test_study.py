@@ -58,13 +58,22 @@ def test_pruner_that_never_prunes_is_warned(tmp_path):
 
 
 def test_conditional_parameters_follow_the_original(tmp_path):
-    cfg = load_tune_config(write(tmp_path))
+    """The original's conditions, but hidden_dim is not sampled for attention, which ignores it."""
+    cfg = _space(tmp_path, head_type={"type": "categorical", "choices": ["siglip", "clip", "mlp", "attention"]})
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    for _ in range(20):
+    heads = set()
+    for _ in range(30):
         trial = study.ask()
         params = space.sample(trial, cfg)
+        heads.add(params["head_type"])
         assert ("hidden_dim" in params) == (params["head_type"] in ("clip", "mlp"))
         study.tell(trial, 0.0)
+    assert "attention" in heads
+    asked = _space(tmp_path, head_type={"type": "categorical", "choices": ["clip", "attention"]},
+                   hidden_dim={"type": "categorical", "choices": [16, 32], "when": {"head_type": ["attention"]}})
+    trial = optuna.trial.FixedTrial({"head_type": "attention", "hidden_dim": 16, "loss_type": "softmax_infonce",
+                                     "learning_rate": 1e-3, "batch_size": 64})
+    assert "hidden_dim" in space.sample(trial, asked)  # an explicit `when:` still decides
 
 
 def _space(tmp_path, **entries):

@@ -153,7 +153,7 @@ class Programs:
 
     def eval_fn(self, spec: TrainSpec, params, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The evaluation program (``params`` may be abstract); run it with :func:`run_eval`."""
-        spec = spec.static()
+        spec = spec.heads_only()  # it depends on the heads alone, not on the loss or the optimiser
         return self._get(("eval", spec, chunk_size, _shape_key((params, data))),
                          lambda: _eval_program.lower(spec, _abstract(params), _abstract(data), chunk_size), fast=True)
 
@@ -177,7 +177,7 @@ class Programs:
 
     def bundle_eval_fn(self, spec: TrainSpec, params_K, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The evaluation of every member at once; run it with ``step.run_bundle_eval``."""
-        spec = spec.static()
+        spec = spec.heads_only()
         return self._get(("bundle_eval", spec, chunk_size, _shape_key((params_K, data))),
                          lambda: _bundle_eval_program.lower(spec, _abstract(params_K), _abstract(data), chunk_size),
                          fast=True)

@@ -30,10 +30,23 @@ DATA_FIELDS = {"HeadSpec": ("dropout", "init"), "LossSpec": ("temperature",),
 
 
 def static(spec):
-    """``spec`` with its data fields at their defaults: what a compiled program may depend on."""
-    fields = DATA_FIELDS[type(spec).__name__]
+    """``spec`` with its data fields, and the fields its type does not use, at their defaults: what a
+    compiled program may depend on (an attention head's ``hidden_dim`` changes nothing it computes,
+    so it must not make another program)."""
+    fields = set(DATA_FIELDS[type(spec).__name__]) | set(_unused(spec))
     defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.name in fields}
     return dataclasses.replace(spec, **defaults)
+
+
+def _unused(spec) -> tuple[str, ...]:
+    """The fields that ``spec``'s type ignores."""
+    if isinstance(spec, HeadSpec):
+        return ((() if spec.type in ("clip", "mlp") else ("hidden_dim",))
+                + (() if spec.type == "attention" else ("num_heads", "num_layers")))
+    if isinstance(spec, LossSpec):
+        return ((() if spec.type == "sigmoid_infonce" else ("learnable_bias", "sigmoid_normalize"))
+                + (() if spec.type == "queue_infonce" else ("queue_size", "mask_batch_duplicates")))
+    return ()
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -53,6 +53,11 @@ class TrainSpec:
     def static(self) -> TrainSpec:
         return dataclasses.replace(self, head=static(self.head), loss=static(self.loss), training=static(self.training))
 
+    def heads_only(self) -> TrainSpec:
+        """The static spec as far as the heads go (head, dims, dtype; loss and training at their
+        defaults): encoding and evaluation depend on nothing else, so their programs are keyed on it."""
+        return dataclasses.replace(self.static(), loss=LossSpec(), training=TrainingSpec(dtype=self.training.dtype))
+
 
 class DeviceData(NamedTuple):
     """An embedding set resident on the device, each image once.
@@ -364,7 +369,7 @@ def _encode(spec: TrainSpec, side: str, params, x, chunk_size: int):
 
 def encode(spec: TrainSpec, side: str, params, x, chunk_size: int = 8192) -> jax.Array:
     """Project ``x`` with the ``side`` ("image"/"text") head, in fixed-size chunks (one program)."""
-    return _encode(spec.static(), side, params, jnp.asarray(x, jnp.float32), chunk_size)
+    return _encode(spec.heads_only(), side, params, jnp.asarray(x, jnp.float32), chunk_size)
 
 
 def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
@@ -416,4 +421,4 @@ def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50), chunk
     Raises:
       ValueError: the heads' outputs were not finite (diverged params).
     """
-    return run_eval(functools.partial(_eval_program, spec.static(), chunk_size=chunk_size), params, data, ks)
+    return run_eval(functools.partial(_eval_program, spec.heads_only(), chunk_size=chunk_size), params, data, ks)

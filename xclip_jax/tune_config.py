@@ -154,7 +154,9 @@ PARAM_PATHS = {
 
 # The original's implicit conditions: a parameter is only sampled when these hold.
 DEFAULT_CONDITIONS = {
-    "hidden_dim": {"head_type": ["clip", "attention", "mlp"]},
+    # The original also samples it for attention, which does not use it: a dimension that changes
+    # nothing, and the same program compiled twice. A config's `when:` may still ask for it.
+    "hidden_dim": {"head_type": ["clip", "mlp"]},
     "num_heads": {"head_type": ["attention"]},
     "num_layers": {"head_type": ["attention"]},
     "queue_size": {"loss_type": ["queue_infonce"]},
