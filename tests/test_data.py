@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import types
@@ -101,7 +102,10 @@ def test_a_named_pt_file_reads_its_converted_npy_beside_it(tmp_path, monkeypatch
     image_rows, text_rows, ids = _rows()
     data.write_embedding_set(tmp_path, "train", image_rows, text_rows, ids)
     for kind in ("image", "text"):
-        (tmp_path / f"train_{kind}_embeddings.pt").write_bytes(b"the original's file")
+        pt = tmp_path / f"train_{kind}_embeddings.pt"
+        pt.write_bytes(b"the original's file")
+        npy = tmp_path / f"train_{kind}_embeddings.npy"
+        os.utime(pt, (npy.stat().st_mtime - 60,) * 2)  # converted after it was written
 
     def no_torch_load(*args, **kwargs):
         raise AssertionError("read the .pt although its .npy sits beside it")
@@ -112,6 +116,26 @@ def test_a_named_pt_file_reads_its_converted_npy_beside_it(tmp_path, monkeypatch
     assert eset.sources[:2] == (str(tmp_path / "train_image_embeddings.npy"), str(tmp_path / "train_text_embeddings.npy"))
     assert data.source_line(eset).startswith(f"data: train <- {tmp_path / 'train_image_embeddings.npy'}")
     assert data.source_line(eset).endswith("18 rows, 6 images")
+
+
+def test_a_source_newer_than_its_converted_npy_is_refused(tmp_path):
+    """Re-encoded embeddings written over the source after a convert: the stale .npy must not win
+    silently. One line names both files and the command; after it, the new rows are read."""
+    image_rows, text_rows, ids = _rows()
+    data.write_embedding_set(tmp_path, "train", image_rows, text_rows, ids)
+    for kind, rows in (("image", image_rows), ("text", text_rows)):
+        save_file({"embeddings": (rows * 2).astype(np.float32)}, tmp_path / f"train_{kind}_embeddings.safetensors")
+        npy = tmp_path / f"train_{kind}_embeddings.npy"
+        os.utime(npy, (npy.stat().st_mtime - 60,) * 2)  # the source was written after the conversion
+    named = [tmp_path / f"train_{kind}_embeddings.safetensors" for kind in ("image", "text")]
+    with pytest.raises(UserError) as e:
+        data.load_embedding_set(*named, tmp_path / "train_metadata.json")
+    msg = str(e.value)
+    assert "train_image_embeddings.safetensors is newer" in msg and "train_image_embeddings.npy" in msg
+    assert "python -m xclip_jax.data convert" in msg and "\n" not in msg
+    subprocess.run([sys.executable, "-m", "xclip_jax.data", "convert", str(tmp_path)], check=True, capture_output=True)
+    eset = data.load_embedding_set(*named, tmp_path / "train_metadata.json")
+    np.testing.assert_allclose(np.asarray(eset.text), text_rows * 2, rtol=1e-6)
 
 
 def test_npy_float32_stays_memory_mapped(tmp_path):

@@ -59,12 +59,16 @@ def resolve_file(path, fix: str = MAKE_IT) -> Path:
 
     The converted ``.npy`` beside the named file wins (memory-mapped, no torch needed), so a config
     written for the original's ``.pt`` files reads what ``convert`` or ``split`` wrote; otherwise
-    the named file; otherwise any supported extension of the same name.
+    the named file; otherwise any supported extension of the same name. A named file newer than
+    its ``.npy`` is refused (the ``.npy`` is stale: re-encoded embeddings would be silently ignored).
     """
     path = Path(path)
     stem = path.name[: -len(path.suffix)] if path.suffix in EXTENSIONS else path.name
     npy = path.with_name(stem + ".npy")
     if npy.is_file():
+        if path != npy and path.is_file() and path.stat().st_mtime > npy.stat().st_mtime:
+            raise UserError(f"{path} is newer than its converted {npy.name}, which would be read in its place; "
+                            f"convert it again (python -m xclip_jax.data convert {path.parent}) or remove {npy}")
         return npy
     if path.is_file():
         return path
