@@ -244,3 +244,21 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
             "weight_decay": lambda s: s.opt_state.hyperparams["weight_decay"]}[key]
     assert float(jax.device_get(read(states[1]))) == pytest.approx(value, rel=1e-6)
     assert float(jax.device_get(read(states[0]))) != pytest.approx(value, rel=1e-6)
+
+
+def test_the_settings_line_shows_every_resolved_setting_its_head_and_loss_use():
+    """What a config with the original's keys only resolves to (the defaults filled in, hidden_dim as
+    half of each input dim), and no field that its head or loss ignores."""
+    from xclip_jax.config import settings_line
+
+    cfg = build(TrainConfig, {"data": {"synthetic": {}}, "model": {"type": "clip"},
+                              "training": {"num_epochs": 1, "patience": 1}})
+    line = settings_line(cfg, 1152, 4096)
+    assert line.startswith("settings: model clip (output_dim 512, hidden_dim 576/2048 (half of each input dim), "
+                           "dropout 0.1); loss softmax_infonce (temperature 0.07, learnable_temp false); training "
+                           "batch_size 2048, learning_rate 0.0001, weight_decay 0.0001, num_epochs 1, patience 1"), line
+    assert "num_heads" not in line and "queue_size" not in line and "learnable_bias" not in line and "\n" not in line
+    cfg = build(TrainConfig, {"data": {"synthetic": {}}, "model": {"type": "siglip", "init": "cca"},
+                              "loss": {"type": "sigmoid_infonce"}})
+    line = settings_line(cfg, 8, 8)
+    assert "init cca" in line and "learnable_bias true" in line and "hidden_dim" not in line

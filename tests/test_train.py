@@ -224,7 +224,12 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     part.mkdir()
     train.main([str(write_config(part, epochs=2)), "--no-progress"])
     train.main([str(write_config(part, epochs=4)), "--no-progress", "--resume"])
-    assert "resume: training.num_epochs 2 -> 4 (applied)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resume: training.num_epochs 2 -> 4 (applied)" in out
+    # each run says once, at start, what it trains with (the config's values, the defaults filled in)
+    assert out.count("\nsettings: model clip (output_dim 16, hidden_dim 32, dropout 0.1); loss softmax_infonce "
+                     "(temperature 0.07, learnable_temp true); training batch_size 128, learning_rate 0.003, "
+                     "weight_decay 0.0001, num_epochs ") == 3
     h_full = json.loads((full / "out/tiny/training_history.json").read_text())
     h_part = json.loads((part / "out/tiny/training_history.json").read_text())
     assert [h["epoch"] for h in h_part] == [0, 1, 2, 3]

@@ -118,11 +118,15 @@ def metrics_path(checkpoint_dir, split: str) -> Path:
 def main(argv=None):
     from xclip_jax.metrics import format_table
 
-    parser = argparse.ArgumentParser(prog="python -m xclip_jax.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m xclip_jax.evaluate",
+        description="Retrieval metrics of trained heads: restore a checkpoint, project an embedding set (its "
+                    "config's test or val split, or a set NAME in --data-dir) and print R@K both ways, median "
+                    "ranks and mean recall on de-duplicated images; the metrics are also written as JSON.")
     parser.add_argument("checkpoint", help="a checkpoint directory written by train or tune")
-    parser.add_argument("--set", default="test", help="test, val, or a set NAME (with --data-dir)")
-    parser.add_argument("--data-dir", help="folder with NAME_image_embeddings.* etc.")
-    parser.add_argument("--out", help="JSON output (default: CHECKPOINT/metrics_<set>.json, one per checkpoint and set)")
+    parser.add_argument("--set", default="test", metavar="SET", help="test, val, or a set NAME (with --data-dir)")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with NAME_image_embeddings.* etc.")
+    parser.add_argument("--out", metavar="FILE", help="JSON output (default: CHECKPOINT/metrics_<set>.json, one per checkpoint and set)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     metrics = evaluate_checkpoint(args.checkpoint, args.set, args.data_dir)

@@ -168,16 +168,17 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     import json
 
     from xclip_jax import checkpoint
-    from xclip_jax.config import to_dict
+    from xclip_jax.config import settings_line, to_dict
     from xclip_jax.data import load_sets
     from xclip_jax.evaluate import write_evaluation
     from xclip_jax.figures import plot_curves
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, resume_dir = out_dir / "checkpoint", out_dir / "resume"
     sets = load_sets(cfg.data, cfg.base_data_dir)
     check_fits(cfg, sets["train"])
+    print(settings_line(cfg, sets["train"].image_dim, sets["train"].text_dim))
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the config and the data are known to be good
     train_data, val_data = to_device(sets["train"]), to_device(sets["val"])
     state = create_train_state(train_spec(cfg, sets["train"].image_dim, sets["train"].text_dim), seed=cfg.seed)
     state = with_head_init(state, [cfg.model], sets["train"])
@@ -236,10 +237,16 @@ def main(argv=None):
     from xclip_jax.errors import UserError
     from xclip_jax.metrics import format_table
 
-    parser = argparse.ArgumentParser(prog="python -m xclip_jax.train", description=main.__doc__)
-    parser.add_argument("config", help="training YAML (the original's keys are accepted)")
+    parser = argparse.ArgumentParser(
+        prog="python -m xclip_jax.train",
+        description="Train one configuration end to end: both heads with early stopping on validation R@1, then "
+                    "the best epoch's checkpoint, the training history and curves, and the test and val metrics, "
+                    "all under output_dir/experiment_name. It prints the resolved settings (defaults filled in) "
+                    "at start.")
+    parser.add_argument("config", help="training YAML (the original's keys are accepted), e.g. a study's "
+                                       "best_config.yaml")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
-    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--output-dir", metavar="DIR", help="write under DIR instead of the config's output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
