@@ -123,3 +123,34 @@ def test_best_config_trains_on_the_full_set_whatever_the_extensions(tmp_path):
         f.unlink()
     changes, warning = full_training_files(cfg)
     assert changes == {} and "tuning subset" in warning and "data split" in warning
+
+
+@pytest.mark.parametrize("section,keys,meant", [
+    ("training", {"num_epochs": 1, "patience": 1}, "did you mean max_epochs: 1 and max_patience: 1?"),
+    ("training", {"batch_size": 512}, "did you mean fixed: {batch_size: 512}?"),
+    ("model", {"type": "clip"}, "did you mean fixed: {head_type: clip}?"),
+])
+def test_a_training_section_in_a_tuning_config_names_the_tuning_keys(tmp_path, section, keys, meant):
+    """The original's training keys in a tuning config: the tuning config's names for them, not the
+    nearest top-level key (``training: unknown key; did you mean 'storage'?``)."""
+    raw = yaml.safe_load(TUNE)
+    raw[section] = keys
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {section}: unknown key in a tuning config") and meant in msg, msg
+    assert "storage" not in msg and "\n" not in msg
+
+
+def test_the_quickstart_raises_no_warning():
+    """Every combination of the shipped quickstart's choices runs on its data: no queue smaller than a
+    batch, nothing skipped, no start-up warning."""
+    from xclip_jax import space
+    from xclip_jax.study import pruning_warning
+
+    cfg = load_tune_config(ROOT / "configs" / "quickstart.yaml")
+    synth = cfg.data.synthetic
+    assert space.check_combinations(cfg, synth.images * synth.captions, (synth.image_dim, synth.text_dim)) is None
+    assert pruning_warning(cfg) is None

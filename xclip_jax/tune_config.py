@@ -216,10 +216,35 @@ def validate_tune(cfg: TuneConfig) -> TuneConfig:
     return dataclasses.replace(cfg, search_space=spaces)
 
 
+# A training config's keys that a tuning config names otherwise: a trial's epochs and patience.
+TUNING_NAMES = {("training", "num_epochs"): "max_epochs", ("training", "patience"): "max_patience"}
+
+
+def _training_sections(raw: dict) -> None:
+    """A training config's section in a tuning config (``training: {num_epochs: 1}``) is refused with
+    the tuning config's names for its keys, not the nearest top-level key's."""
+    for section in SECTION_TYPES:
+        if section not in raw:
+            continue
+        keys = raw[section] if isinstance(raw[section], dict) else {}
+        renamed = {TUNING_NAMES[section, k]: v for k, v in keys.items() if (section, k) in TUNING_NAMES}
+        fixed = {_RENAMED.get((section, k), k): v for k, v in keys.items() if (section, k) not in TUNING_NAMES}
+        meant = [f"{k}: {v}" for k, v in renamed.items()]
+        if fixed:
+            meant.append(f"fixed: {{{', '.join(f'{k}: {v}' for k, v in fixed.items())}}}")
+        if not meant:
+            meant = ["max_epochs / max_patience" if section == "training" else "fixed: {…}"]
+        raise ConfigError(f"{section}: unknown key in a tuning config; did you mean {' and '.join(meant)}? (a "
+                          "trial's num_epochs and patience are max_epochs and max_patience here, other training "
+                          "settings go under fixed or search_space)")
+
+
 def load_tune_config(path: str | Path) -> TuneConfig:
     """Load and validate a tuning config YAML."""
     try:
-        return validate_tune(build(TuneConfig, read_yaml(path)))
+        raw = read_yaml(path)
+        _training_sections(raw)
+        return validate_tune(build(TuneConfig, raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
