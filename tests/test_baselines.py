@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from xclip_jax import baselines
+from xclip_jax.baselines import cli as _baselines_cli  # noqa: F401 - baselines.cli.main below
 from xclip_jax.baselines import (
     best_baseline,
     compute_baselines,
@@ -233,9 +234,11 @@ def test_compute_baselines_tunes_on_val(splits):
     }
     for r in results:
         key, grid, fit = fits[r["name"].split("-")[0]]
-        scores = [val_r1(fit(v)) for v in grid]
+        tried = [entry["param"][key] for entry in r["search"]]
+        assert set(grid) <= set(tried)  # the grid, extended past an end where the choice sat
+        scores = [val_r1(fit(v)) for v in tried]
         assert len(set(scores)) > 1, (r["name"], scores)  # otherwise the choice proves nothing
-        assert r["param"] == {key: grid[int(np.argmax(scores))]}, (r["name"], scores)
+        assert r["param"] == {key: tried[int(np.argmax(scores))]}, (r["name"], scores)
         assert r["val"]["r1"] == pytest.approx(max(scores), abs=1e-12)
         assert [s["val_r1"] for s in r["search"]] == pytest.approx(scores, abs=1e-12)
         chosen = fit(r["param"][key])
@@ -245,18 +248,37 @@ def test_compute_baselines_tunes_on_val(splits):
     best = best_baseline(results)
     assert best["val"]["r1"] == max(r["val"]["r1"] for r in results)
 
-    lines = format_baselines(results).splitlines()
+    lines = [line for line in format_baselines(results).splitlines() if not line.startswith("note: ")]
     assert len(lines) == 2 + len(results)  # two header lines, one line per baseline
     for r in results:
         assert sum(line.startswith(r["name"] + " ") for line in lines) == 1
     assert len({len(line) for line in lines}) == 1  # fixed width
 
 
+def test_a_choice_at_the_edge_of_its_grid_extends_it_or_is_noted(splits):
+    """Ridge's smallest λ (or CCA's largest k) wins: the grid goes on past that end until the choice
+    is inside it; a choice that stays at an end is noted under the table."""
+    train_split, val, test = splits
+    results = compute_baselines(train_split, val, test, ks=(1, 5), ridge_lambdas=(1.0, 10.0, 100.0), dims=(2, 4))
+    ridge = results[0]
+    tried = [entry["param"]["lambda"] for entry in ridge["search"]]
+    assert min(tried) < 1.0  # the best of 1, 10, 100 was 1: smaller values were tried
+    if ridge["edge"] is None:
+        assert tried.index(ridge["param"]["lambda"]) not in (0, len(tried) - 1)
+    cca = results[2]
+    assert cca["param"]["k"] > 4 or cca["edge"] is None  # extended past k = 4 where the choice sat
+    noted = {r["name"] for r in results if r["edge"]}
+    notes = [line for line in format_baselines(results).splitlines() if line.startswith("note: ")]
+    assert len(notes) == len(noted) and all(any(name in n for n in notes) for name in noted)
+    limit = [r for r in results if r["edge"] == "limit"]
+    assert all("every dimension the data allow" in n for n in notes if any(r["name"] in n for r in limit))
+
+
 def test_compute_baselines_without_test_set(splits):
     train_split, val, _ = splits
     results = compute_baselines(train_split, val, **GRID)
     assert all(r["test"] is None and r["val"]["r1"] > 0 for r in results)
-    body = format_baselines(results).splitlines()[2:]
+    body = [line for line in format_baselines(results).splitlines()[2:] if not line.startswith("note: ")]
     assert len(body) == len(results)
     assert all(line.rstrip().endswith("-") for line in body)
     with pytest.raises(ValueError):
@@ -310,7 +332,7 @@ def test_a_linear_head_started_from_cca_ranks_as_the_cca_baseline():
             default = evaluate(create_train_state(spec, seed=0).params, spec, to_device(val), ks=(1, 5, 10))
             assert got["r1"] > 2 * default["r1"], (got["r1"], default["r1"])
         else:
-            standardized = [baselines._standardize_rows(np.asarray(x)) for x in (train.image, train.text, val.image)]
+            standardized = [baselines.moments.standardize(np.asarray(x)) for x in (train.image, train.text, val.image)]
             cca_ln = baselines.fit_cca(standardized[0], standardized[1], train.row_image, k=8)
             zi = np.asarray(project(started.params, spec, to_device(val))[0])
             ref = np.asarray(cca_ln.project_images(standardized[2]))
@@ -322,7 +344,7 @@ def test_cli_prints_the_table_for_a_config(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("data: {synthetic: {images: 200, captions: 3, image_dim: 12, text_dim: 16, val_images: 60, "
                     "test_images: 40, seed: 1}}\n")
-    assert baselines.main([str(path), "--out", str(tmp_path / "b.json")]) == 0
+    assert baselines.cli.main([str(path), "--out", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "CCA-" in out and "Procrustes-" in out and "ridge t→i" in out
     import json

@@ -87,9 +87,17 @@ def test_the_driver_side_imports_no_jax(module):
     assert done.returncode == 0, done.stderr
 
 
+# The modules allowed past MAX_LINES, each with its reason. Everything else is split when it grows
+# (a docstring's say-so is not a reason).
+MAX_LINES = 420
+LONG_MODULES: dict[str, str] = {}
+
+
 def test_modules_stay_small():
-    """~400 lines at most, unless the module's docstring says why."""
+    too_long = {}
     for path in PACKAGE.rglob("*.py"):
+        name = str(path.relative_to(PACKAGE))
         lines = path.read_text().count("\n")
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        assert lines <= 420 or "longer than" in doc, f"{path.name}: {lines} lines"
+        if lines > MAX_LINES and name not in LONG_MODULES:
+            too_long[name] = lines
+    assert not too_long, f"over {MAX_LINES} lines: {too_long}; split them (or name one in LONG_MODULES, with why)"

@@ -67,8 +67,8 @@ _TINY = float(np.finfo(np.float32).tiny)
 def _greater(diff):
     """1.0 where ``diff > 0``, else 0.0, in float arithmetic only.
 
-    XLA:CPU leaves compare-and-select reductions scalar, several times slower than this
-    vectorised form (measured on the 5k x 25k benchmark). Exact for every float32 ``diff`` but
+    XLA:CPU leaves compare-and-select reductions scalar, which is slower than this vectorised form
+    (benchmarks/RESULTS.md has the metrics benchmark). Exact for every float32 ``diff`` but
     positives below ~1e-31, which give a fraction that the caller's rounding absorbs.
     """
     magnitude = jnp.abs(diff)
@@ -115,7 +115,7 @@ def _image_chunk_step(
     )
     # An image's own captions never exceed their maximum, so no mask is needed to exclude them.
     # Row sums as a mat-vec: XLA:CPU turns a fused reduce of this expression into a library call
-    # that first materialises full-size constant blocks, several times slower.
+    # that first materialises full-size constant blocks.
     above_best_CxT = _greater(sim_CxT - best_own_C[:, None])
     i2t_counts_C = _matvec(above_best_CxT, jnp.ones((sim_CxT.shape[1],), jnp.float32))
     i2t_ranks_C = 1 + jnp.round(i2t_counts_C).astype(jnp.int32)
@@ -278,7 +278,7 @@ def retrieval_metrics_indexed(
         caption ``t`` describes. Every image must have at least one caption.
       ks: the cut-offs K for Recall@K.
       chunk_size: images per compiled chunk (capped at N); peak extra memory is a few
-        ``chunk_size * T * 4``-byte blocks (about 105 MB at 1024 x 25,000 on CPU).
+        ``chunk_size * T * 4``-byte blocks.
 
     Returns:
       A dict of Python floats: ``i2t_recall@K`` and ``t2i_recall@K`` for each K (fractions in

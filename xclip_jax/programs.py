@@ -32,7 +32,7 @@ from xclip_jax.step import (
 _copy_params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 # What a program that runs briefly (state init, the evaluation, a params copy) is compiled with on a
-# CPU: most of XLA's optimisations off. They cost a third of its compile time and little of its run
+# CPU: most of XLA's optimisations off. They cost much of its compile time and little of its run
 # time; the epoch program, which runs for the whole trial, keeps them (see benchmarks/RESULTS.md).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 

@@ -67,9 +67,9 @@ class Runner:
         self.programs = Programs()
         self.backend = jax.default_backend()
         # Compile the next trial while this one trains: worth it where the host has a core to spare
-        # while training runs (a GPU trains; or fewer runners than CPU cores). Measured on 2 cores:
-        # the quickstart at n_jobs 1 took 163 s with it, 221 s without; at n_jobs 2, 169 s with it,
-        # 128 s without (the compile then takes the core the other runner trains on).
+        # while training runs (a GPU trains; or fewer runners than CPU cores). Without a spare core
+        # the compile takes the core another runner trains on and the study slows down (the
+        # measurements: benchmarks/RESULTS.md).
         spare = self.backend != "cpu" or cfg.n_jobs < (os.cpu_count() or 1)
         self.ahead = cfg.compile_ahead if cfg.compile_ahead is not None else spare
         self.parent = os.getppid()

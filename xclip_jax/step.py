@@ -161,9 +161,8 @@ def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
 
 
 def _fresh_state_core(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
-    # One split into independent streams: the init, the dropout of each step and the shuffle of each
-    # epoch (each folded with the step). Deriving two of them from one key by fold_in and split
-    # would collide: under partitionable threefry split(k)[i] == fold_in(k, i).
+    # Independent streams for the init, each step's dropout and each epoch's shuffle: two derived from
+    # one key by fold_in and split collide (partitionable threefry: split(k)[i] == fold_in(k, i)).
     k_init, k_dropout, k_shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = init_head_params(spec.head, spec.image_dim, spec.text_dim, k_init)
     sigmoid_bias = spec.loss.type == "sigmoid_infonce" and spec.loss.learnable_bias
@@ -277,8 +276,8 @@ def _epoch(state: TrainState, data: DeviceData):
     batch_size = state.spec.batch_size
     steps = data.rows // batch_size
     key = shuffle_key(state)
-    # One sort of random 32-bit keys (ties, ~rows²/2³³ pairs, keep their order): half the compile
-    # time and run time of jax.random.permutation's several sorting rounds.
+    # One sort of random 32-bit keys (ties, ~rows²/2³³ pairs, keep their order): one sorting round
+    # where jax.random.permutation makes several, each compiled and run.
     perm = jnp.argsort(jax.random.bits(key, (data.rows,), jnp.uint32))
     perm_SxB = perm[: steps * batch_size].reshape(steps, batch_size)
 
@@ -322,14 +321,9 @@ def run_bundle_epoch(states: TrainState, data: DeviceData, active_K):
 
 @jax.jit
 def eval_loss(state: TrainState, data: DeviceData):
-    """Mean loss over the set's full batches, in order, without dropout.
-
-    Without the queue, too: its entries are training texts, whose ids (training image indices)
-    mean nothing against a validation batch's ids, so masking the queue's positives would compare
-    unrelated numbers. A queue loss is scored against its batch's texts alone.
-    """
+    """Mean loss over the set's full batches, in order, without dropout, and without the queue: its
+    training texts' ids mean nothing against validation ids. A queue loss scores its batch alone."""
     spec = state.spec
-    # One empty slot: the queue loss's own formula, with nothing in the queue.
     queue = None if state.queue is None else losses.init_queue(1, spec.head.output_dim)
     steps = max(data.rows // spec.batch_size, 1)
     batch_size = min(spec.batch_size, data.rows)

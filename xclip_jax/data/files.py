@@ -256,7 +256,7 @@ def _write_npy(path: Path, n_rows: int, dim: int, fill) -> None:
 
 def _write_json(path: Path, obj) -> None:
     def write(tmp):
-        # One dumps + write is several times faster than json.dump's many small writes.
+        # One dumps + write, not json.dump's many small writes.
         tmp.write_text(json.dumps(obj), encoding="utf-8")
 
     _replace_atomically(path, write)
