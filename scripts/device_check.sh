@@ -117,7 +117,8 @@ else
     BENCH_ARGS=(--repeats 3)
     BF16_ARGS=(--repeats 2 --skip-startup --skip-metrics)
 fi
-# --random-data: the same shapes drawn on the GPU, not 10+ s of single-threaded host generation.
+# --random-data: the same shapes drawn on the GPU, without the single-threaded host generation of the
+# synthetic set, which is slow at COCO dims (the figure is in benchmarks/RESULTS.md).
 # The bf16 run goes last (after the study) so that the budget, if short, clips it rather than the study.
 run_stage bench_fp32 110 "$PY" scripts/bench.py --coco --skip-study --random-data "${BENCH_ARGS[@]}" \
     --out "$OUT/bench_fp32.json"
