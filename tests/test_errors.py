@@ -240,3 +240,17 @@ def test_second_study_in_the_same_checkpoint_dir_is_refused(tmp_path, capsys):
         claim_checkpoint_dir(old, "tiny")
     claim_checkpoint_dir(old, "legacy")
     assert (old / ".study_name").read_text().strip() == "legacy"
+
+
+def test_a_bad_data_path_creates_nothing(tmp_path, capsys):
+    """Tuning and training refuse a missing embedding file before they create anything: no SQLite
+    file, no output or checkpoint folder."""
+    names = {f"{s}_{p}": f"{s}_{p}.npy" if p != "metadata" else f"{s}_metadata.json"
+             for s in ("train", "val") for p in ("image_embeddings", "text_embeddings", "metadata")}
+    path = tune_yaml(tmp_path, base_data_dir=str(tmp_path / "no_such_dir"), data=names)
+    err = run_cli(tune.main, [str(path), "--no-progress"], capsys)
+    assert "train_image_embeddings" in err and "no_such_dir" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]
+    err = run_cli(train.main, [str(train_yaml(tmp_path))], capsys)  # its base_data_dir d does not exist
+    assert "train_image_embeddings" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.yaml", "tune.yaml"]

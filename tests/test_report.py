@@ -202,3 +202,141 @@ def test_cli_missing_sqlite_file_is_not_created(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing.db" in err and "does not exist" in err
     assert not missing.exists()
+
+
+# ---------------------------------------------------------------------------- a tuner's study: its folder and best config
+
+
+def _tiny_study(tmp_path, values=(0.30, 0.42), baselines=None, record=True):
+    """The tiny tuning config and a study of it with one COMPLETE trial per value (no training), as the
+    tuner leaves it: its output_dir recorded with the study and ``tune_config.yaml`` in it."""
+    from tests.conftest import write
+    from xclip_jax.config import dump_yaml
+    from xclip_jax.space import sample
+    from xclip_jax.tune_config import load_tune_config
+
+    cfg = load_tune_config(write(tmp_path))
+    study = optuna.create_study(study_name=cfg.study_name, storage=cfg.storage, direction="maximize")
+    for value in values:
+        t = study.ask()
+        sample(t, cfg)
+        study.tell(t, value)
+    if baselines:
+        study.set_user_attr("xclip_baselines", baselines)
+    if record:
+        report.record_output_dir(study, cfg.output_dir)
+        (tmp_path / "results").mkdir()
+        dump_yaml(cfg, tmp_path / "results" / "tune_config.yaml")
+    return cfg, study
+
+
+def _baseline(r1):
+    return [{"name": "CCA-32", "param": 32, "val": {"r1": r1}, "test": {"r1": r1}, "fit_seconds": 1.0}]
+
+
+def test_cli_writes_into_the_studys_own_folder_and_rebuilds_best_config(tmp_path, capsys, monkeypatch):
+    """No --output-dir: the folder the study's tuner wrote to (recorded with the study), every output
+    rebuilt from its tune_config.yaml, best_config.yaml included; optuna_results is not touched."""
+    from xclip_jax.config import load_train_config
+
+    cfg, study = _tiny_study(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert report.main([cfg.storage, cfg.study_name]) == 0
+    out = capsys.readouterr().out
+    results = tmp_path / "results"
+    assert f"wrote {results / 'best_config.yaml'}" in out and "not rebuilt" not in out
+    assert load_train_config(results / "best_config.yaml").experiment_name == "tiny_best"
+    assert json.loads((results / "best_results.json").read_text())["best_value"] == pytest.approx(0.42)
+    assert (results / "plots" / "parallel_coordinate.png").is_file()
+    assert (results / ".study_name").read_text().strip() == "tiny"
+    assert not (tmp_path / "optuna_results").exists()
+    # another folder gets the best config too (the tuning config is read from the study's own folder)
+    assert report.main([cfg.storage, cfg.study_name, "--output-dir", str(tmp_path / "copy")]) == 0
+    assert load_train_config(tmp_path / "copy" / "best_config.yaml").experiment_name == "tiny_best"
+
+
+def test_cli_refuses_another_studys_output_dir(tmp_path, capsys):
+    """The tuner's one-line refusal: a folder marked by another study, or holding its best_results.json,
+    is left as it was."""
+    from tests.conftest import run_cli
+    from xclip_jax.runtime import claim
+
+    storage = _storage(tmp_path)
+    _build_study(storage, name="tune")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    claim({"output_dir": theirs}, "other")
+    err = run_cli(report.main, [storage, "tune", "--output-dir", str(theirs)], capsys)
+    assert "study 'other'" in err and "'tune'" in err and "--output-dir" in err
+    assert sorted(p.name for p in theirs.iterdir()) == [".study_name"]
+    legacy = tmp_path / "legacy"  # a folder from before the marker: its best_results.json names the study
+    legacy.mkdir()
+    (legacy / "best_results.json").write_text(json.dumps({"study_name": "other"}))
+    assert "study 'other'" in run_cli(report.main, [storage, "tune", "--output-dir", str(legacy)], capsys)
+    assert sorted(p.name for p in legacy.iterdir()) == ["best_results.json"]
+
+
+def test_cli_without_a_tuning_config_says_best_config_was_not_rebuilt(tmp_path, capsys):
+    storage = _storage(tmp_path)
+    _build_study(storage)
+    assert report.main([storage, "tune", "--output-dir", str(tmp_path / "out")]) == 0
+    assert "best_config.yaml not rebuilt: no tune_config.yaml" in capsys.readouterr().out
+    assert (tmp_path / "out" / ".study_name").read_text().strip() == "tune"
+
+
+def test_best_config_below_the_baseline_says_so_with_the_yaml_to_add(tmp_path):
+    cfg, study = _tiny_study(tmp_path, baselines=_baseline(0.50), record=False)
+    report.write_outputs(study, cfg)
+    header = (tmp_path / "results" / "best_config.yaml").read_text().split("\ndata:")[0]
+    assert "WORSE THAN A LINEAR MAP" in header and "CCA-32" in header and "0.5000" in header
+    assert f"add `{report.INIT_LINE}` under search_space" in header
+    study.set_user_attr("xclip_baselines", _baseline(0.40))  # the best trial (0.42) beats it
+    report.write_outputs(study, cfg)
+    assert "WORSE" not in (tmp_path / "results" / "best_config.yaml").read_text()
+
+
+def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):
+    import dataclasses
+
+    from xclip_jax.tune_config import ParamSpace
+
+    cfg, _ = _tiny_study(tmp_path, record=False)  # head_type: siglip, clip, mlp; no init
+    change, same_study = report.baseline_advice(cfg)
+    assert report.INIT_LINE in change and same_study
+    searched = dataclasses.replace(cfg, search_space={**cfg.search_space, "init": ParamSpace(choices=("default", "cca"))})
+    change, same_study = report.baseline_advice(searched)
+    assert "max_epochs: 8" in change and same_study  # heads start from CCA already: train longer
+    no_cca_head = dataclasses.replace(cfg, search_space={**cfg.search_space,
+                                                         "head_type": ParamSpace(choices=("clip", "mlp"))})
+    change, same_study = report.baseline_advice(no_cca_head)
+    assert "choices: [clip, mlp, linear]" in change and report.INIT_LINE in change and not same_study
+
+
+def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
+    cfg, _ = _tiny_study(tmp_path, record=False)
+    won = {"best_value": 0.42, "baselines": _baseline(0.40), "interrupted": False}
+    line = report.next_step(cfg, "tune.yaml", won)
+    assert line.startswith(f"next: python -m xclip_jax.train {tmp_path / 'results' / 'best_config.yaml'}")
+    lost = report.next_step(cfg, "tune.yaml", {**won, "baselines": _baseline(0.50)})
+    assert lost.startswith("next: in tune.yaml, start heads from the CCA solution") and report.INIT_LINE in lost
+    assert "python -m xclip_jax.tune tune.yaml --add-trials 6" in lost and "python -m xclip_jax.train" in lost
+    assert report.next_step(cfg, "tune.yaml", {**won, "baselines": None}).startswith("next: python -m xclip_jax.train")
+    assert report.next_step(cfg, "tune.yaml", {**won, "interrupted": True}) is None
+    assert report.next_step(cfg, "tune.yaml", {**won, "best_value": None}) is None
+
+
+def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):
+    """Six axes at most, the most important first, and labels that fit: a suffix every choice shares
+    is dropped."""
+    from xclip_jax import study_plots
+
+    study = optuna.create_study(direction="maximize")
+    for i in range(4):
+        t = study.ask()
+        for j in range(9):
+            t.suggest_float(f"p{j}", 0.0, 1.0)
+        study.tell(t, float(i))
+    imps = {"p8": 0.5, "p3": 0.3, "p0": 0.2}
+    assert study_plots.parallel_params(study, imps) == ["p8", "p3", "p0", "p1", "p2", "p4"]
+    assert study_plots._shared_suffix(["sigmoid_infonce", "softmax_infonce"]) == "_infonce"
+    assert study_plots._shared_suffix(["siglip", "clip"]) == ""

@@ -81,6 +81,17 @@ def test_killed_trial_is_fail_and_the_study_goes_on(study_run):
     assert sum(t.state == TrialState.COMPLETE for t in first) >= 1
 
 
+def test_the_study_ends_with_the_next_step_and_report_finds_its_folder(study_run):
+    """The last line is the command to run next (train the best config, or what to change when a linear
+    baseline beat it); the study remembers its output_dir, where report writes by default."""
+    from xclip_jax.report import recorded_output_dir
+
+    tmp, _, _, out, _, _ = study_run
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("next: ") and f"python -m xclip_jax.train {tmp}/results/best_config.yaml" in last, last
+    assert recorded_output_dir(load(tmp)) == (Path(tmp) / "results").resolve()
+
+
 def test_resume_reaches_exactly_n_trials_and_pruning_happens(study_run):
     tmp = study_run[0]
     trials = load(tmp).get_trials()
@@ -262,6 +273,7 @@ def test_batched_trials_each_their_own_optuna_trial(tmp_path):
     killed = wait_for(bundle_running, timeout=240, what="a bundle of three running")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert "bundle of 3: trials " in out  # the console says which trials train together
     trials = {t.number: t for t in load(tmp_path).get_trials()}
     for t in killed:
         assert trials[t.number].state == TrialState.FAIL and "SIGKILL" in trials[t.number].user_attrs["fail_reason"]
@@ -277,3 +289,18 @@ def test_batched_trials_each_their_own_optuna_trial(tmp_path):
         assert len({m.params["learning_rate"] for m in members}) == len(members)
         assert len({m.user_attrs["pid"] for m in members}) == 1
         assert all(m.user_attrs.get("bundle_size", 1) in (len(members), 3) for m in members)
+
+
+def test_the_progress_bar_counts_a_trial_queued_for_compiling_apart():
+    """At n_jobs 1 with compile_ahead a runner holds its next job (here a bundle of two) while it trains
+    one: those trials are RUNNING to Optuna, and the bar counts them as compiling."""
+    from types import SimpleNamespace
+
+    from xclip_jax.tune import Driver
+
+    driver = object.__new__(Driver)  # only its pool and jobs matter here
+    driver.jobs = {"7": [(7, 3)], "8": [(8, 4), (9, 5)]}
+    driver.pool = SimpleNamespace(workers=[SimpleNamespace(jobs=[SimpleNamespace(id="7"), SimpleNamespace(id="8")])])
+    assert driver.compiling_ahead() == 2
+    driver.pool.workers[0].jobs.pop()
+    assert driver.compiling_ahead() == 0

@@ -2,8 +2,9 @@
 
 The tuning driver writes a study's outputs here (``write_outputs``: the report below, plus
 ``best_config.yaml`` and ``best_results.json``), and
-`python -m xclip_jax.report STORAGE STUDY [--output-dir optuna_results]` loads a study
-from its storage (e.g. ``sqlite:///optuna.db``) and writes::
+`python -m xclip_jax.report STORAGE STUDY [--output-dir DIR]` loads a study from its storage
+(e.g. ``sqlite:///optuna.db``) and writes them again, by default into the folder the study's
+tuner wrote to (``best_config.yaml`` too, from the ``tune_config.yaml`` found there)::
 
     OUTPUT_DIR/study_summary.json      every trial: state, params, value, intermediate values
     OUTPUT_DIR/importances.json        {param: importance}, {} when it can't be computed
@@ -18,6 +19,7 @@ intermediate values) is skipped with a logged warning instead of failing the rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from xclip_jax.errors import UserError, cli, exception_line
+from xclip_jax.runtime import check_owners, claim, host_name
 from xclip_jax.study import load_study
 from xclip_jax.study_plots import write_plots
 
@@ -268,8 +271,64 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
 # ---------------------------------------------------------------------------- a study's outputs
 
 
+OUTPUT_DIR_ATTR = "xclip_output_dir"  # {host: the output_dir its driver writes to}: where report writes by default
+DEFAULT_OUTPUT_DIR = "optuna_results"
+
+
+def record_output_dir(study, output_dir) -> None:
+    """Remember with the study where this host's driver writes its outputs (``report``'s default)."""
+    dirs = dict(study.user_attrs.get(OUTPUT_DIR_ATTR) or {})
+    path = str(Path(output_dir).resolve())
+    if dirs.get(host_name()) != path:
+        study.set_user_attr(OUTPUT_DIR_ATTR, {**dirs, host_name(): path})
+
+
+def recorded_output_dir(study) -> Path | None:
+    """The output_dir this host's driver wrote the study's outputs to, or None."""
+    path = (study.user_attrs.get(OUTPUT_DIR_ATTR) or {}).get(host_name())
+    return Path(path) if path else None
+
+
 def _top_baseline(baselines: list) -> dict:
     return max(baselines, key=lambda b: b["val"]["r1"])
+
+
+def below_baseline(best_value: float | None, baselines) -> dict | None:
+    """The best closed-form baseline when it beats the study's best trial, else None."""
+    if best_value is None or not baselines:
+        return None
+    top = _top_baseline(baselines)
+    return top if best_value < top["val"]["r1"] else None
+
+
+INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
+
+
+def baseline_advice(cfg) -> tuple[str, bool]:
+    """What to change in a tuning config whose best trial lost to a linear baseline: the exact YAML
+    that starts heads from the CCA solution (or, when they can already, that trains longer).
+
+    Returns ``(the change, whether the same study can go on with it)``: a new search-space entry
+    can join a study, other choices for an entry it has can't (a new study_name then).
+    """
+    from xclip_jax.spec import CCA_HEADS
+
+    space = cfg.search_space
+    heads = list(space["head_type"].choices) if "head_type" in space else [cfg.fixed.get("head_type", "siglip")]
+    if "init" in space or cfg.fixed.get("init") == "cca":
+        return (f"train longer: set `max_epochs: {2 * cfg.max_epochs}`, or widen learning_rate's range", True)
+    if any(h in CCA_HEADS for h in heads):
+        return f"start heads from the CCA solution: add `{INIT_LINE}` under search_space", True
+    if "head_type" in space:
+        choices = ", ".join(map(str, heads + ["linear"]))
+        return (f"start heads from the CCA solution: under search_space set `head_type: {{type: categorical, "
+                f"choices: [{choices}]}}` and add `{INIT_LINE}`", False)
+    return "start heads from the CCA solution: set `head_type: linear` and `init: cca` under fixed", False
+
+
+def _advice_line(cfg) -> str:
+    change, same_study = baseline_advice(cfg)
+    return change if same_study else f"{change}, under a new study_name"
 
 
 def _against_baselines(best_value: float, baselines) -> dict:
@@ -298,6 +357,10 @@ def write_outputs(study, cfg) -> dict:
     tc, warning = best_train_config(cfg, best)
     header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
               f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
+    lost = below_baseline(best.value, study.user_attrs.get("xclip_baselines"))
+    if lost:
+        header += (f"# WORSE THAN A LINEAR MAP: the closed-form baseline {lost['name']} reaches validation R@1 = "
+                   f"{lost['val']['r1']:.4f}; to beat it, in the tuning config: {_advice_line(cfg)}\n")
     if warning:
         header += f"# NOTE: {warning}\n"
         written.warnings.append(warning)
@@ -321,17 +384,33 @@ def write_outputs(study, cfg) -> dict:
 # ---------------------------------------------------------------------------- lines for the terminal
 
 
-def report_baselines(best: float | None, baselines: list | None) -> None:
+def report_baselines(best: float | None, baselines: list | None, cfg=None) -> None:
     """Print the study's best trial against its best closed-form baseline in one line, e.g. ``best
-    trial 0.531, +0.052 over CCA-128 (0.479)`` (and a warning when the baseline is better)."""
+    trial 0.531, +0.052 over CCA-128 (0.479)`` (and a warning when the baseline is better, with the
+    tuning config's change when ``cfg`` is given)."""
     if best is None or not baselines:
         return
     top = _top_baseline(baselines)
     print(f"best trial {best:.3f}, {best - top['val']['r1']:+.3f} over {top['name']} ({top['val']['r1']:.3f})")
     if best < top["val"]["r1"]:
+        advice = f"; in the tuning config: {_advice_line(cfg)}" if cfg is not None else ""
         print(f"warning: the study's best trial ({best:.3f}) is below the linear baseline {top['name']} "
               f"({top['val']['r1']:.3f}); widen the search (learning rate, epochs) or start heads from it "
-              "(head_type linear or siglip with init: cca)", file=sys.stderr)
+              f"(head_type linear or siglip with init: cca){advice}", file=sys.stderr)
+
+
+def next_step(cfg, config_path: str, result: dict) -> str | None:
+    """The one line that ends a study: the command that trains its best config, or, when a linear
+    baseline beat it, what to change first (None when it was interrupted or nothing completed)."""
+    if result.get("interrupted") or result.get("best_value") is None:
+        return None
+    train = f"python -m xclip_jax.train {Path(cfg.output_dir) / 'best_config.yaml'}"
+    if below_baseline(result["best_value"], result.get("baselines")):
+        change, same_study = baseline_advice(cfg)
+        rerun = (f"python -m xclip_jax.tune {config_path} --add-trials {cfg.n_trials}" if same_study else
+                 f"python -m xclip_jax.tune {config_path} with a new study_name")
+        return f"next: in {config_path}, {change}; then {rerun} (or train the best trial anyway: {train})"
+    return f"next: {train}   (trains the best configuration on the full data, up to {cfg.final_epochs} epochs)"
 
 
 def throughput_line(t: dict) -> str:
@@ -349,7 +428,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Write a JSON summary, parameter importances and plots of an Optuna study.")
     p.add_argument("storage", metavar="STORAGE", help="storage URL, e.g. sqlite:///optuna.db")
     p.add_argument("study", metavar="STUDY", help="study name")
-    p.add_argument("--output-dir", default="optuna_results", help="where to write the report (default: %(default)s)")
+    p.add_argument("--output-dir", help="where to write the outputs (default: the output_dir the study's tuner wrote "
+                                        f"to on this machine; {DEFAULT_OUTPUT_DIR} for a study it did not write)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -362,26 +442,53 @@ def _summary_line(study: optuna.Study) -> str:
     return f"study {study.study_name!r}: {parts or 'no trials'}; {best_text}"
 
 
+def _tune_config(study, out: Path, recorded: Path | None):
+    """The tuning config the study's driver left beside its outputs (``tune_config.yaml``, in ``out``
+    or else in the folder the driver wrote to), pointed at ``out``; None when there is none."""
+    from xclip_jax.tune_config import load_tune_config
+
+    for folder in (out, recorded):
+        path = folder / "tune_config.yaml" if folder else None
+        if path and path.is_file():
+            cfg = load_tune_config(path)
+            if cfg.study_name == study.study_name:
+                return dataclasses.replace(cfg, output_dir=str(out))
+    return None
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``python -m xclip_jax.report STORAGE STUDY [--output-dir DIR]``.
 
-    Loads the study, calls :func:`write_report` and prints each file written and each
-    plot skipped. Returns 0; a missing study or unreachable storage is a UserError
-    (one line on stderr, exit status 2).
+    Loads the study and writes its outputs: into ``--output-dir``, else the folder the study's tuner
+    wrote to on this machine (else ``optuna_results``); with the tuning config found there, every
+    output (``write_outputs``: ``best_config.yaml`` and ``best_results.json`` too), else the report
+    (``write_report``). A folder that holds another study's outputs is refused, as the tuner refuses
+    it. Prints each file written and each plot skipped. Returns 0; a missing study, an unreachable
+    storage or another study's folder is a UserError (one line on stderr, exit status 2).
     """
     args = _parser().parse_args(argv)
     study = load_study(args.storage, args.study)
+    recorded = recorded_output_dir(study)
+    out = Path(args.output_dir or recorded or DEFAULT_OUTPUT_DIR)
+    check_owners({"output_dir": out}, study.study_name)
+    cfg = _tune_config(study, out, recorded)
     try:
-        report = write_report(study, args.output_dir)
+        report = write_outputs(study, cfg) if cfg is not None else write_report(study, out)
+        claim({"output_dir": out}, study.study_name)
     except OSError as e:
-        raise UserError(f"cannot write the report to {args.output_dir!r}: {exception_line(e)}; pass a "
+        raise UserError(f"cannot write the report to {str(out)!r}: {exception_line(e)}; pass a "
                         "writable --output-dir") from e
     print(_summary_line(study))
     for path in report.values():
         print(f"wrote {path}")
     for name, reason in report.skipped.items():
         print(f"skipped {name}: {reason}")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if cfg is None:
+        print(f"best_config.yaml not rebuilt: no tune_config.yaml of study {study.study_name!r} in {out} "
+              "(the tuner writes one into its output_dir)")
     return 0
 
 

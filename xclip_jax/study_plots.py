@@ -21,6 +21,9 @@ PLOT_NAMES = (
     "parallel_coordinate",
     "intermediate_values",
 )
+# The parallel-coordinate plot draws the most important parameters only: a study's dozen axes
+# crowd a picture of the default size until their labels overlap.
+PARALLEL_AXES = 6
 
 
 def _complete_trials(study: optuna.Study):
@@ -67,16 +70,28 @@ class _Precomputed(optuna.importance.BaseImportanceEvaluator):
         return {k: v for k, v in self._imps.items() if params is None or k in params}
 
 
-def _plot_kwargs(name: str, imps: dict[str, float]) -> dict:
+def parallel_params(study: optuna.Study, imps: dict[str, float]) -> list[str]:
+    """The parameters the parallel-coordinate plot draws: the :data:`PARALLEL_AXES` most important
+    (importances.json's order), then, without importances, the others by name."""
+    names = sorted(set().union(*(t.params for t in _complete_trials(study))))
+    ranked = [n for n in imps if n in names] + [n for n in names if n not in imps]
+    return ranked[:PARALLEL_AXES]
+
+
+def _plot_kwargs(name: str, study: optuna.Study, imps: dict[str, float]) -> dict:
     # Left alone, each importance plot re-runs the evaluator: twice the cost, its
     # warnings repeated, and numbers that could drift from importances.json.
-    return {"evaluator": _Precomputed(imps)} if name == "param_importances" else {}
+    if name == "param_importances":
+        return {"evaluator": _Precomputed(imps)}
+    if name == "parallel_coordinate":
+        return {"params": parallel_params(study, imps)}
+    return {}
 
 
 def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
     import optuna.visualization as vis
 
-    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
     if name == "optimization_history":
         for label, value in _baseline_lines(study):
             fig.add_hline(y=value, line_dash="dot", line_color="grey", annotation_text=label,
@@ -94,13 +109,15 @@ def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
         # Optuna marks every matplotlib plot experimental; the warning would be
         # repeated for each PNG of every report and tells the reader nothing.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, imps))
+        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
     fig = _figure_of(ax)
     if name == "optimization_history":
         for i, (label, value) in enumerate(_baseline_lines(study)):
             ax.axhline(value, linestyle=":", color=f"C{i + 2}", label=label)
-        if _baseline_lines(study):
-            ax.legend(fontsize="small")
+        if _baseline_lines(study):  # beside the plot, as optuna places its own legend: no point hidden
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if name == "parallel_coordinate":
+        _readable_axes(ax)
     try:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     finally:
@@ -110,6 +127,27 @@ def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
 def _baseline_lines(study: optuna.Study) -> list[tuple[str, float]]:
     """(label, validation R@1) of each closed-form baseline the study stored: lines on its history."""
     return [(f"{b['name']} {b['val']['r1']:.3f}", b["val"]["r1"]) for b in study.user_attrs.get("xclip_baselines") or []]
+
+
+def _readable_axes(ax) -> None:
+    """Room for each axis' labels: the figure widens with the axes, a suffix that every choice of an
+    axis shares (``_infonce``) is dropped, and a parameter a trial did not use reads ``n/a``."""
+    fig = ax.figure
+    axes = [a for a in fig.axes if a is not ax and a.get_label() != "<colorbar>"]  # one per parameter
+    fig.set_size_inches(2.5 + 1.9 * len(axes), 5)
+    for axis in axes:
+        labels = [label.get_text() for label in axis.get_yticklabels()]
+        named = [text for text in labels if text and text != "None"]
+        suffix = _shared_suffix(named) if len(named) > 1 else ""
+        if suffix or "None" in labels:
+            axis.set_yticks(axis.get_yticks())
+            axis.set_yticklabels(["n/a" if text == "None" else text[:len(text) - len(suffix)] for text in labels])
+
+
+def _shared_suffix(labels: list[str]) -> str:
+    """The ``_…`` ending every label shares (``_infonce``), or ``""``."""
+    tail = labels[0][labels[0].rfind("_"):] if "_" in labels[0] else ""
+    return tail if tail and all(text.endswith(tail) and len(text) > len(tail) for text in labels) else ""
 
 
 def _figure_of(ax: Any):

@@ -23,7 +23,7 @@ from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax.pool import Pool
-from xclip_jax.report import report_baselines, throughput_line
+from xclip_jax.report import next_step, record_output_dir, report_baselines, throughput_line
 from xclip_jax.runtime import (
     STORAGE_ENV,
     check_owners,
@@ -31,7 +31,7 @@ from xclip_jax.runtime import (
     claim,
     host_name,
 )
-from xclip_jax.storage import make_storage
+from xclip_jax.storage import expand_url, make_storage
 
 
 class Driver:
@@ -44,7 +44,7 @@ class Driver:
         self.halt: str | None = None  # why no more trials start (a full disk), for the final error
         self.out = Path(cfg.output_dir)
         self.progress = progress
-        self.storage = make_storage(cfg.storage, heartbeat=(cfg.heartbeat_interval, cfg.grace_period))
+        self.storage = None  # opened in prepare(): a new SQLite file only once every check has passed
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = None
         self.jobs: dict[str, list] = {}  # running job (its lead's trial id) -> [(trial id, number)] of its trials
@@ -55,7 +55,8 @@ class Driver:
 
     def prepare(self) -> None:
         """Every check first (folders, the stored study's space, the data, the search space against the
-        data); only then create the study, store its space, claim the folders and cache the data."""
+        data), creating nothing; only then create the folders, the storage's SQLite file, the study,
+        store its space, claim the folders and cache the data."""
         import optuna
 
         from xclip_jax import data
@@ -63,12 +64,12 @@ class Driver:
 
         cfg = self.cfg
         folders = {"checkpoint_dir": Path(cfg.checkpoint_dir), "output_dir": self.out}
-        for folder in folders.values():
-            check_writable(folder)
         check_owners(folders, cfg.study_name)
-        existing = st.find_study(self.storage, cfg.study_name)
-        if existing is not None:
-            space.check_space(existing, cfg)
+        if not _new_sqlite_file(cfg.storage):  # a server, or a file that is there: open it now, it may hold the study
+            self._open_storage()
+            existing = st.find_study(self.storage, cfg.study_name)
+            if existing is not None:
+                space.check_space(existing, cfg)
         self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
@@ -81,7 +82,11 @@ class Driver:
         skipped = space.check_combinations(cfg, self.rows, self.dims)
         if skipped:
             print(f"warning: {skipped}", file=sys.stderr)
-        # Every check passed: from here on things are stored.
+        # Every check passed: from here on things are created and stored.
+        for folder in folders.values():
+            check_writable(folder)
+        if self.storage is None:
+            self._open_storage()
         try:
             self.study = optuna.create_study(study_name=cfg.study_name, storage=self.storage,
                                              sampler=st.make_sampler(cfg), pruner=st.make_pruner(cfg),
@@ -91,6 +96,7 @@ class Driver:
                             f"({str(e).splitlines()[0]}); check the storage URL") from None
         space.store_space(self.study, cfg)
         claim(folders, cfg.study_name)
+        record_output_dir(self.study, self.out)
         data.write_cache(sets, self.cache_dir)
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
@@ -105,6 +111,9 @@ class Driver:
                          memory_limit_bytes=int(cfg.trial_memory_limit_gb * 2**30) if cfg.trial_memory_limit_gb else None,
                          max_jobs=cfg.runner_max_trials, job_timeout=cfg.trial_timeout,
                          max_rss_bytes=int(cfg.runner_max_memory_gb * 2**30) if cfg.runner_max_memory_gb else None)
+
+    def _open_storage(self) -> None:
+        self.storage = make_storage(self.cfg.storage, heartbeat=(self.cfg.heartbeat_interval, self.cfg.grace_period))
 
     def _start_baselines(self):
         """The closed-form baselines of the study's data, once per data cache (its ``baselines.json``):
@@ -173,6 +182,10 @@ class Driver:
                 return
             raise
         self.jobs[str(tids[0])] = [(tid, t.number) for tid, t in zip(tids, trials)]
+        if len(trials) > 1:
+            from tqdm.auto import tqdm
+
+            tqdm.write(bundle_line([t.number for t in trials]))
 
     def reap(self, events) -> list[str]:
         """Record how finished jobs ended: a trial its runner did not tell about (killed, crashed,
@@ -216,6 +229,11 @@ class Driver:
             last = max(t.intermediate_values) if t.intermediate_values else None
             return f"Trial {t.number} pruned at epoch {last}."
         return f"Trial {t.number} failed: {t.user_attrs.get('fail_reason', 'unknown reason')}"
+
+    def compiling_ahead(self) -> int:
+        """Trials handed to a runner while it trains another: it compiles their programs meanwhile
+        (``compile_ahead``), and they start when the current one ends."""
+        return sum(len(self.jobs.get(job.id, ())) for worker in self.pool.workers for job in worker.jobs[1:])
 
     def housekeeping(self) -> None:
         """Heartbeats for our trials; fail the trials of drivers that are gone."""
@@ -261,12 +279,15 @@ class Driver:
                     self.housekeeping()
                     last_beat = now
                 c = st.counts(self.study)
-                shown = (c["finished"], c["running"], c["pruned"], c["fail"])
+                ahead = self.compiling_ahead()
+                shown = (c["finished"], c["running"], c["pruned"], c["fail"], ahead)
                 if shown != last_shown:  # redraw on change only: logs stay readable
                     last_shown = shown
                     bar.n = min(c["finished"], cfg.n_trials)
-                    bar.set_postfix(running=c["running"], pruned=c["pruned"], failed=c["fail"], best=self._best(),
-                                    refresh=False)
+                    # a trial queued on a runner is RUNNING to Optuna, but it is compiling, not training yet
+                    counts = {"running": c["running"] - ahead, **({"compiling": ahead} if ahead else {}),
+                              "pruned": c["pruned"], "failed": c["fail"]}
+                    bar.set_postfix(**counts, best=self._best(), refresh=False)
                     bar.refresh()
                 out_of_time = cfg.timeout is not None and now - start > cfg.timeout
                 budget_left = c["finished"] + c["running"] < cfg.n_trials
@@ -311,6 +332,25 @@ class Driver:
             return f"{self.study.best_value:.4f}"
         except ValueError:
             return "-"
+
+
+def bundle_line(numbers: list[int]) -> str:
+    """The console's line for a bundle (``batch_trials``) handed to a runner."""
+    return (f"bundle of {len(numbers)}: trials {', '.join(map(str, numbers))} train together in one program "
+            "(the same shapes, each its own sampled values)")
+
+
+def _new_sqlite_file(url: str) -> bool:
+    """Whether ``url`` names a SQLite file that is not there yet, in a folder that is: opening the
+    storage would create it, so it is opened after every other check (a config that fails them leaves
+    no empty database behind). Anything else is opened at once (and says there what is wrong with it)."""
+    if "://" not in url:
+        return False
+    full = expand_url(url)
+    if not full.startswith("sqlite:///"):
+        return False
+    db = full[len("sqlite:///"):].split("?", 1)[0]
+    return db not in ("", ":memory:") and not Path(db).exists() and Path(db).parent.is_dir()
 
 
 def _tail(path) -> str:
@@ -358,36 +398,59 @@ def _config_path(positional: str | None, option: str | None) -> str:
                     "(e.g. configs/quickstart.yaml from the repository)")
 
 
-def main(argv=None):
-    """``python -m xclip_jax.tune [CONFIG | --config CONFIG] [--storage URL] [--study-name N] [--n-trials N] …``."""
+# Command-line flags that override the config's key of the same name.
+OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_dir", "checkpoint_dir", "max_epochs",
+             "max_patience", "batch_trials")
+
+
+def _parser():
     import argparse
 
-    from xclip_jax.config import ConfigError
-    from xclip_jax.tune_config import load_tune_config, validate_tune
-
-    parser = argparse.ArgumentParser(prog="python -m xclip_jax.tune", description="Run or resume a tuning study.")
+    parser = argparse.ArgumentParser(
+        prog="python -m xclip_jax.tune",
+        description="Run or resume an Optuna study that tunes projection heads: each trial trains in a runner "
+                    "process, and the study writes its best config, results, summary and plots into output_dir. "
+                    "Rerunning the same command resumes the study. A flag named after a config key (--n-trials: "
+                    "n_trials) overrides it.")
     parser.add_argument("config", nargs="?", help=f"tuning YAML (the original's keys are accepted); default "
                                                   f"{DEFAULT_CONFIG} when it exists")
     parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same, as the original's flag")
-    parser.add_argument("--storage")
-    parser.add_argument("--study-name")
-    parser.add_argument("--n-trials", type=int)
-    parser.add_argument("--n-jobs", type=int)
-    parser.add_argument("--timeout", type=float)
-    parser.add_argument("--output-dir")
-    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL, e.g. sqlite:///optuna.db or "
+                                                         "postgresql+psycopg://user@host/db")
+    parser.add_argument("--study-name", metavar="NAME", help="the study to run or resume in the storage")
+    parser.add_argument("--n-trials", type=int, metavar="N",
+                        help="the study's total: trials it has finished count toward it (a rerun runs the rest); "
+                             "to run N more than it has, use --add-trials")
+    parser.add_argument("--n-jobs", type=int, metavar="N", help="trial processes at once on this machine")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="start no trial after this many seconds of this run")
+    parser.add_argument("--output-dir", metavar="DIR", help="where the best config, results, summary and plots go")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="where each trial's checkpoint goes")
+    parser.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial")
+    parser.add_argument("--max-patience", type=int, metavar="N",
+                        help="stop a trial after N epochs without a better validation R@1")
+    parser.add_argument("--batch-trials", type=int, metavar="K",
+                        help="train K trials of the same shapes in one program (1: each alone)")
     parser.add_argument("--add-trials", type=int, metavar="N",
-                        help="run N trials more than the study has finished (what rerunning the original did)")
-    parser.add_argument("--no-progress", action="store_true")
+                        help="run N trials more than the study has finished (what rerunning the original did); "
+                             "an addition, where --n-trials is the total")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (each finished trial still prints its line)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """``python -m xclip_jax.tune [CONFIG | --config CONFIG] [--storage URL] [--study-name N] [--n-trials N] …``."""
+    from xclip_jax.config import ConfigError
+    from xclip_jax.tune_config import load_tune_config, validate_tune
+
+    args = _parser().parse_args(argv)
     if args.add_trials is not None and args.add_trials < 1:
         raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
-    cfg = load_tune_config(_config_path(args.config, args.config_option))
-    overrides = {k: v for k, v in {"storage": args.storage, "study_name": args.study_name, "n_trials": args.n_trials,
-                                   "n_jobs": args.n_jobs, "timeout": args.timeout,
-                                   "output_dir": args.output_dir,
-                                   "checkpoint_dir": args.checkpoint_dir}.items() if v is not None}
+    config_path = _config_path(args.config, args.config_option)
+    cfg = load_tune_config(config_path)
+    overrides = {key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None}
     if overrides:
         try:
             cfg = validate_tune(dataclasses.replace(cfg, **overrides))
@@ -403,9 +466,12 @@ def main(argv=None):
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
     if result["throughput"]["trials"]:
         print(throughput_line(result["throughput"]))
-    report_baselines(result.get("best_value"), result.get("baselines"))
+    report_baselines(result.get("best_value"), result.get("baselines"), cfg)
     if result["halt"]:
         raise UserError(result["halt"])
+    line = next_step(cfg, config_path, result)
+    if line:
+        print(line)
     return 130 if result["interrupted"] else 0
 
 
