@@ -2,6 +2,7 @@
 """xclip_jax benchmark: one process, one run, every figure a ratio on this machine at this moment.
 
     python scripts/bench.py [--quick] [--coco] [--dtype bfloat16] [--skip-study | --study] [--out PATH]
+    python scripts/bench.py --search CONFIG [--seeds N] [--set KEY=VALUE ...] [--label NAME]   (see bench_search)
 
 Measures, in order:
 
@@ -30,8 +31,9 @@ figure: name, params, value, unit) and prints a markdown table.
 
 The sections live beside this file: ``bench_machine`` (machine description, matmul peak, FLOP
 count), ``bench_training`` (training throughput, validation metrics), ``bench_startup`` (trial
-start-up), ``bench_studies`` (tuning studies) and ``bench_report`` (the JSON record, the markdown
-table); this file holds the command line and the order of the run.
+start-up), ``bench_studies`` (tuning studies), ``bench_report`` (the JSON record, the markdown
+table) and ``bench_search`` (``--search CONFIG``: search quality over sampler seeds, its own run);
+this file holds the command line and the order of the run.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from bench_report import HEADER, REPO, log, markdown, record, save
 if str(REPO) not in sys.path:  # importable without installing (the device runs from the checkout)
     sys.path.insert(0, str(REPO))
 
+import bench_search
 import jax
 import jax.numpy as jnp
 from bench_machine import PeakMeter, cpu_model, gpu_description, numpy_sgemm_gflops
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
                         help="run the study once per batch_trials K (e.g. 1 4), warm runners, and compare")
     parser.add_argument("--init-cca", action="store_true",
                         help="run the study with fixed init default and cca (linear/siglip heads) and compare")
-    parser.add_argument("--study-timeout", type=float, default=900.0, help="seconds per study")
+    parser.add_argument("--study-timeout", type=float, help="seconds per study (default 900; --search: no limit)")
     parser.add_argument("--study-config", default=str(REPO / "configs" / "quickstart.yaml"),
                         help="the tuning config of the study section (default: the quickstart)")
     parser.add_argument("--random-data", action="store_true",
@@ -91,8 +94,16 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "latest.json"))
+    parser.add_argument("--out", help="the JSON record (default benchmarks/latest.json; --search: "
+                                      "benchmarks/search-<config stem>[-<label>]-<date>.json)")
+    bench_search.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.search:  # before jax starts a backend here: on a GPU the studies' trials need the card
+        return bench_search.main(args)
+    if args.overrides or args.seed_list or args.label or args.keep:
+        parser.error("--set, --seed-list, --label and --keep go with --search CONFIG")
+    args.out = args.out or str(REPO / "benchmarks" / "latest.json")
+    args.study_timeout = args.study_timeout or 900.0
 
     backend = jax.default_backend()
     on_gpu = backend == "gpu"

@@ -1,6 +1,7 @@
-"""Tuning studies for the benches: one study from a fresh storage, output folder and compilation
-cache (``_run_study``: its wall time, counts, best value, margin over the best baseline and where
-the time went), and the comparisons made of it: one process per trial against warm runners
+"""Tuning studies for the benches: one run of ``python -m xclip_jax.tune`` from a fresh storage,
+output folder and compilation cache (``tune_study``), one study's figures (``_run_study``: its wall
+time, counts, best value, margin over the best baseline and where the time went), and the
+comparisons made of it: one process per trial against warm runners
 (``bench_study``), ``batch_trials`` K against K (``bench_batch_trials``), ``init`` default against
 cca (``bench_init_cca``).
 """
@@ -20,6 +21,40 @@ from bench_report import REPO, log, record
 STUDY_MODES = {"per-trial processes": 1, "warm runners": None}  # runner_max_trials (None: the config's)
 
 
+def absolute_data_dir(raw: dict) -> dict:
+    """``raw`` with its ``base_data_dir`` made absolute as the tuner reads it (relative to the current
+    folder; ``data`` when unset), so that the study, run elsewhere, and the trial checkpoints' configs
+    name the same files. A synthetic set names no files and is left as it is."""
+    data = raw.get("data")
+    if isinstance(data, dict) and data.get("synthetic") is not None and "base_data_dir" not in raw:
+        return raw
+    return {**raw, "base_data_dir": str(Path(raw.get("base_data_dir") or "data").absolute())}
+
+
+def tune_study(raw: dict, run_dir: Path, cache: Path, timeout: float | None) -> tuple[float, int, str]:
+    """``python -m xclip_jax.tune`` on the config ``raw`` (written to ``run_dir/study.yaml``) with a
+    fresh SQLite storage (``run_dir/s.db``), output folder (``run_dir/out``) and checkpoint folder
+    (``run_dir/ckpt``), ``cache`` as its persistent compilation cache, its output in
+    ``run_dir/tune.log``. Returns (wall seconds, exit status, the end of its stderr); raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds (None: no limit)."""
+    import yaml
+
+    run_dir.mkdir(parents=True)
+    cfg_path = run_dir / "study.yaml"
+    cfg_path.write_text(yaml.safe_dump(absolute_data_dir(raw), sort_keys=False))
+    env = dict(os.environ)
+    env["XCLIP_JAX_CACHE"] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", "--output-dir", str(run_dir / "out"),
+           "--checkpoint-dir", str(run_dir / "ckpt"), "--storage", f"sqlite:///{run_dir}/s.db"]
+    t0 = time.perf_counter()
+    with open(run_dir / "tune.log", "w") as out, open(run_dir / "tune.err", "w+") as err:
+        rc = subprocess.run(cmd, cwd=run_dir, env=env, stdout=out, stderr=err, timeout=timeout, check=False).returncode
+        err.seek(0)
+        tail = err.read()[-1500:]
+    return time.perf_counter() - t0, rc, tail
+
+
 def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_trials, timeout: float,
                **overrides) -> dict | None:
     """One tuning study in a fresh storage and output folder; its wall time and where the time went.
@@ -31,24 +66,14 @@ def _run_study(config: Path, tmp: Path, label: str, cache: Path, runner_max_tria
         raw["runner_max_trials"] = runner_max_trials
     raw.update(overrides)
     run_dir = tmp / label.replace(" ", "_")
-    run_dir.mkdir(parents=True)
-    cfg_path = run_dir / "study.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = dict(os.environ)
-    env["XCLIP_JAX_CACHE"] = str(cache)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "xclip_jax.tune", str(cfg_path), "--no-progress", "--output-dir", str(run_dir / "out"),
-           "--checkpoint-dir", str(run_dir / "ckpt"), "--storage", f"sqlite:///{run_dir}/s.db"]
-    t0 = time.perf_counter()
     try:
-        out = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout)
+        wall, rc, stderr = tune_study(raw, run_dir, cache, timeout)
     except subprocess.TimeoutExpired:
         record(f"study/{label}", None, "s", error=f"timed out after {timeout} s")
         return None
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        record(f"study/{label}", None, "s", error=out.stderr[-1500:])
-        log(f"study {label} failed: {out.stderr[-500:]}")
+    if rc != 0:
+        record(f"study/{label}", None, "s", error=stderr[-1500:])
+        log(f"study {label} failed: {stderr[-500:]}")
         return None
     summary = json.loads((run_dir / "out" / "study_summary.json").read_text())
     best = json.loads((run_dir / "out" / "best_results.json").read_text())
