@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from xclip_jax import report
 from xclip_jax.study_plots import PLOT_NAMES
+from xclip_jax.tune_config import INIT_LINE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -239,7 +240,7 @@ def test_cli_writes_into_the_studys_own_folder_and_rebuilds_best_config(tmp_path
     rebuilt from its tune_config.yaml, best_config.yaml included; optuna_results is not touched."""
     from xclip_jax.config import load_train_config
 
-    cfg, study = _tiny_study(tmp_path)
+    cfg, _ = _tiny_study(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert report.main([cfg.storage, cfg.study_name]) == 0
     out = capsys.readouterr().out
@@ -289,27 +290,10 @@ def test_best_config_below_the_baseline_says_so_with_the_yaml_to_add(tmp_path):
     report.write_outputs(study, cfg)
     header = (tmp_path / "results" / "best_config.yaml").read_text().split("\ndata:")[0]
     assert "WORSE THAN A LINEAR MAP" in header and "CCA-32" in header and "0.5000" in header
-    assert f"add `{report.INIT_LINE}` under search_space" in header
+    assert f"add `{INIT_LINE}` under search_space" in header
     study.set_user_attr("xclip_baselines", _baseline(0.40))  # the best trial (0.42) beats it
     report.write_outputs(study, cfg)
     assert "WORSE" not in (tmp_path / "results" / "best_config.yaml").read_text()
-
-
-def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):
-    import dataclasses
-
-    from xclip_jax.tune_config import ParamSpace
-
-    cfg, _ = _tiny_study(tmp_path, record=False)  # head_type: siglip, clip, mlp; no init
-    change, same_study = report.baseline_advice(cfg)
-    assert report.INIT_LINE in change and same_study
-    searched = dataclasses.replace(cfg, search_space={**cfg.search_space, "init": ParamSpace(choices=("default", "cca"))})
-    change, same_study = report.baseline_advice(searched)
-    assert "max_epochs: 8" in change and same_study  # heads start from CCA already: train longer
-    no_cca_head = dataclasses.replace(cfg, search_space={**cfg.search_space,
-                                                         "head_type": ParamSpace(choices=("clip", "mlp"))})
-    change, same_study = report.baseline_advice(no_cca_head)
-    assert "choices: [clip, mlp, linear]" in change and report.INIT_LINE in change and not same_study
 
 
 def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
@@ -318,7 +302,7 @@ def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
     line = report.next_step(cfg, "tune.yaml", won)
     assert line.startswith(f"next: python -m xclip_jax.train {tmp_path / 'results' / 'best_config.yaml'}")
     lost = report.next_step(cfg, "tune.yaml", {**won, "baselines": _baseline(0.50)})
-    assert lost.startswith("next: in tune.yaml, start heads from the CCA solution") and report.INIT_LINE in lost
+    assert lost.startswith("next: in tune.yaml, start heads from the CCA solution") and INIT_LINE in lost
     assert "python -m xclip_jax.tune tune.yaml --add-trials 6" in lost and "python -m xclip_jax.train" in lost
     assert report.next_step(cfg, "tune.yaml", {**won, "baselines": None}).startswith("next: python -m xclip_jax.train")
     assert report.next_step(cfg, "tune.yaml", {**won, "interrupted": True}) is None

@@ -154,3 +154,18 @@ def test_the_quickstart_raises_no_warning():
     synth = cfg.data.synthetic
     assert space.check_combinations(cfg, synth.images * synth.captions, (synth.image_dim, synth.text_dim)) is None
     assert pruning_warning(cfg) is None
+
+
+def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):
+    from xclip_jax.tune_config import INIT_LINE, ParamSpace, baseline_advice
+
+    cfg = load_tune_config(write(tmp_path))  # head_type: siglip, clip, mlp; no init
+    change, same_study = baseline_advice(cfg)
+    assert INIT_LINE in change and same_study
+    searched = dataclasses.replace(cfg, search_space={**cfg.search_space, "init": ParamSpace(choices=("default", "cca"))})
+    change, same_study = baseline_advice(searched)
+    assert "max_epochs: 8" in change and same_study  # heads start from CCA already: train longer
+    no_cca_head = dataclasses.replace(cfg, search_space={**cfg.search_space,
+                                                         "head_type": ParamSpace(choices=("clip", "mlp"))})
+    change, same_study = baseline_advice(no_cca_head)
+    assert "choices: [clip, mlp, linear]" in change and INIT_LINE in change and not same_study

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 import warnings
@@ -31,12 +30,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from xclip_jax.config import dump_yaml
 from xclip_jax.errors import UserError, cli, exception_line
 from xclip_jax.runtime import check_owners, claim, host_name
 from xclip_jax.study import load_study
-from xclip_jax.study_plots import write_plots
-
-logger = logging.getLogger(__name__)
+from xclip_jax.study_plots import importances, write_plots
+from xclip_jax.tune_config import advice_line, baseline_advice, best_train_config, load_tune_config
 
 _STATES = (
     TrialState.COMPLETE,
@@ -184,50 +183,6 @@ def study_summary(study: optuna.Study) -> dict:
     )
 
 
-def _complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _why_no_importances(complete: list[FrozenTrial]) -> str | None:
-    """Reason importances can't be computed from `complete`, or None when they can."""
-    if len(complete) < 2:
-        return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
-    names = set().union(*(t.params for t in complete))
-    if not names:
-        return "no trial suggested any parameter"
-    for name in names:
-        # A conditional param that is present in only some trials varies too: its
-        # presence is decided by another param.
-        present = [t.params[name] for t in complete if name in t.params]
-        if len(present) < len(complete) or len({repr(v) for v in present}) > 1:
-            return None
-    return "no parameter takes more than one value across COMPLETE trials"
-
-
-def importances(study: optuna.Study) -> dict[str, float]:
-    """Parameter importances of the COMPLETE trials, normalised to sum to 1.
-
-    Uses :func:`optuna.importance.get_param_importances` (its default evaluator, which
-    also rates conditional parameters). Returns ``{}`` rather than raising when they
-    can't be computed: fewer than 2 COMPLETE trials, no parameter varies, or the
-    evaluator fails or yields non-finite numbers.
-    """
-    reason = _why_no_importances(_complete_trials(study))
-    if reason is not None:
-        logger.info("parameter importances skipped: %s", reason)
-        return {}
-    try:
-        result = optuna.importance.get_param_importances(study)
-    except Exception as e:  # an evaluator failure must not cost the rest of the report
-        logger.warning("parameter importances could not be computed: %s", e)
-        return {}
-    result = {str(k): float(v) for k, v in result.items()}
-    if not all(math.isfinite(v) for v in result.values()):
-        logger.warning("parameter importances were not finite; skipped")
-        return {}
-    return result
-
-
 def write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     """See :func:`_write_report`; Optuna's notes on small studies (few trials per regime, flat
     axes) are silenced here: they are expected early in a study and say nothing actionable."""
@@ -301,36 +256,6 @@ def below_baseline(best_value: float | None, baselines) -> dict | None:
     return top if best_value < top["val"]["r1"] else None
 
 
-INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
-
-
-def baseline_advice(cfg) -> tuple[str, bool]:
-    """What to change in a tuning config whose best trial lost to a linear baseline: the exact YAML
-    that starts heads from the CCA solution (or, when they can already, that trains longer).
-
-    Returns ``(the change, whether the same study can go on with it)``: a new search-space entry
-    can join a study, other choices for an entry it has can't (a new study_name then).
-    """
-    from xclip_jax.spec import CCA_HEADS
-
-    space = cfg.search_space
-    heads = list(space["head_type"].choices) if "head_type" in space else [cfg.fixed.get("head_type", "siglip")]
-    if "init" in space or cfg.fixed.get("init") == "cca":
-        return (f"train longer: set `max_epochs: {2 * cfg.max_epochs}`, or widen learning_rate's range", True)
-    if any(h in CCA_HEADS for h in heads):
-        return f"start heads from the CCA solution: add `{INIT_LINE}` under search_space", True
-    if "head_type" in space:
-        choices = ", ".join(map(str, heads + ["linear"]))
-        return (f"start heads from the CCA solution: under search_space set `head_type: {{type: categorical, "
-                f"choices: [{choices}]}}` and add `{INIT_LINE}`", False)
-    return "start heads from the CCA solution: set `head_type: linear` and `init: cca` under fixed", False
-
-
-def _advice_line(cfg) -> str:
-    change, same_study = baseline_advice(cfg)
-    return change if same_study else f"{change}, under a new study_name"
-
-
 def _against_baselines(best_value: float, baselines) -> dict:
     if not baselines:
         return {}
@@ -343,9 +268,7 @@ def _against_baselines(best_value: float, baselines) -> dict:
 
 def write_outputs(study, cfg) -> dict:
     """best_config.yaml, best_results.json and the report (summary, importances, plots)."""
-    from xclip_jax.config import dump_yaml
     from xclip_jax.study import counts
-    from xclip_jax.tune_config import best_train_config
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +283,7 @@ def write_outputs(study, cfg) -> dict:
     lost = below_baseline(best.value, study.user_attrs.get("xclip_baselines"))
     if lost:
         header += (f"# WORSE THAN A LINEAR MAP: the closed-form baseline {lost['name']} reaches validation R@1 = "
-                   f"{lost['val']['r1']:.4f}; to beat it, in the tuning config: {_advice_line(cfg)}\n")
+                   f"{lost['val']['r1']:.4f}; to beat it, in the tuning config: {advice_line(cfg)}\n")
     if warning:
         header += f"# NOTE: {warning}\n"
         written.warnings.append(warning)
@@ -393,7 +316,7 @@ def report_baselines(best: float | None, baselines: list | None, cfg=None) -> No
     top = _top_baseline(baselines)
     print(f"best trial {best:.3f}, {best - top['val']['r1']:+.3f} over {top['name']} ({top['val']['r1']:.3f})")
     if best < top["val"]["r1"]:
-        advice = f"; in the tuning config: {_advice_line(cfg)}" if cfg is not None else ""
+        advice = f"; in the tuning config: {advice_line(cfg)}" if cfg is not None else ""
         print(f"warning: the study's best trial ({best:.3f}) is below the linear baseline {top['name']} "
               f"({top['val']['r1']:.3f}); widen the search (learning rate, epochs) or start heads from it "
               f"(head_type linear or siglip with init: cca){advice}", file=sys.stderr)
@@ -445,8 +368,6 @@ def _summary_line(study: optuna.Study) -> str:
 def _tune_config(study, out: Path, recorded: Path | None):
     """The tuning config the study's driver left beside its outputs (``tune_config.yaml``, in ``out``
     or else in the folder the driver wrote to), pointed at ``out``; None when there is none."""
-    from xclip_jax.tune_config import load_tune_config
-
     for folder in (out, recorded):
         path = folder / "tune_config.yaml" if folder else None
         if path and path.is_file():

@@ -1,17 +1,18 @@
-"""The plots of a study: for each of :data:`PLOT_NAMES`, ``NAME.html`` (plotly, with
+"""A study's parameter importances and its plots: for each of :data:`PLOT_NAMES`, ``NAME.html`` (plotly, with
 ``plotly.min.js`` beside it so the folder works offline) and ``NAME.png`` (optuna's matplotlib
 plots). A plot the study can't support yet, or whose drawing fails, is skipped with a reason."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 logger = logging.getLogger("xclip_jax.report")
 
@@ -28,6 +29,46 @@ PARALLEL_AXES = 6
 
 def _complete_trials(study: optuna.Study):
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _why_no_importances(complete: list[FrozenTrial]) -> str | None:
+    """Reason importances can't be computed from `complete`, or None when they can."""
+    if len(complete) < 2:
+        return f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
+    names = set().union(*(t.params for t in complete))
+    if not names:
+        return "no trial suggested any parameter"
+    for name in names:
+        # A conditional param that is present in only some trials varies too: its
+        # presence is decided by another param.
+        present = [t.params[name] for t in complete if name in t.params]
+        if len(present) < len(complete) or len({repr(v) for v in present}) > 1:
+            return None
+    return "no parameter takes more than one value across COMPLETE trials"
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Parameter importances of the COMPLETE trials, normalised to sum to 1.
+
+    Uses :func:`optuna.importance.get_param_importances` (its default evaluator, which
+    also rates conditional parameters). Returns ``{}`` rather than raising when they
+    can't be computed: fewer than 2 COMPLETE trials, no parameter varies, or the
+    evaluator fails or yields non-finite numbers.
+    """
+    reason = _why_no_importances(_complete_trials(study))
+    if reason is not None:
+        logger.info("parameter importances skipped: %s", reason)
+        return {}
+    try:
+        result = optuna.importance.get_param_importances(study)
+    except Exception as e:  # an evaluator failure must not cost the rest of the report
+        logger.warning("parameter importances could not be computed: %s", e)
+        return {}
+    result = {str(k): float(v) for k, v in result.items()}
+    if not all(math.isfinite(v) for v in result.values()):
+        logger.warning("parameter importances were not finite; skipped")
+        return {}
+    return result
 
 
 

@@ -1,5 +1,6 @@
 """The tuning config (the original's optuna YAML, typed): study settings, the search space and its
-conditions, the pruner and sampler; and each trial's complete training config.
+conditions, the pruner and sampler; each trial's complete training config; the change to make when a
+study loses to a linear baseline; ``python -m xclip_jax.tune``'s command line (flags override keys).
 
 Searchable parameters are the fields of the training config's ``model``, ``loss`` and ``training``
 sections (the core's specs), derived from those fields, so no parameter is listed twice.
@@ -7,6 +8,7 @@ sections (the core's specs), derived from those fields, so no parameter is liste
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from xclip_jax.config import (
     build,
     read_yaml,
 )
-from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+from xclip_jax.errors import UserError
+from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec
 
 # ----------------------------------------------------------------------------- the tuning config
 
@@ -279,7 +282,6 @@ def full_training_files(cfg) -> tuple[dict, str | None]:
     full training split (``train_*``). Returns ``(changes to the data section, warning or None)``,
     the file names found by the same rule as every command (a converted ``.npy`` wins)."""
     from xclip_jax.data import resolve_file
-    from xclip_jax.errors import UserError
 
     data, base = cfg.data, Path(cfg.base_data_dir)
     names = {f"train_{part}": getattr(data, f"train_{part}")
@@ -311,3 +313,108 @@ def best_train_config(cfg, trial):
         tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
     training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
     return dataclasses.replace(tc, training=training, output_dir="outputs"), warning
+
+
+INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
+
+
+def baseline_advice(cfg) -> tuple[str, bool]:
+    """What to change in a tuning config whose best trial lost to a linear baseline: the exact YAML
+    that starts heads from the CCA solution (or, when they can already, that trains longer).
+
+    Returns ``(the change, whether the same study can go on with it)``: a new search-space entry
+    can join a study, other choices for an entry it has can't (a new study_name then).
+    """
+    space = cfg.search_space
+    heads = list(space["head_type"].choices) if "head_type" in space else [cfg.fixed.get("head_type", HeadSpec().type)]
+    if "init" in space or cfg.fixed.get("init") == "cca":
+        return (f"train longer: set `max_epochs: {2 * cfg.max_epochs}`, or widen learning_rate's range", True)
+    if any(h in CCA_HEADS for h in heads):
+        return f"start heads from the CCA solution: add `{INIT_LINE}` under search_space", True
+    if "head_type" in space:
+        choices = ", ".join(map(str, heads + ["linear"]))
+        change = (f"start heads from the CCA solution: under search_space set `head_type: {{type: categorical, "
+                  f"choices: [{choices}]}}` and add `{INIT_LINE}`")
+        return change, False
+    return "start heads from the CCA solution: set `head_type: linear` and `init: cca` under fixed", False
+
+
+def advice_line(cfg) -> str:
+    """:func:`baseline_advice` in one phrase (with a new study_name where the study can't go on)."""
+    change, same_study = baseline_advice(cfg)
+    return change if same_study else f"{change}, under a new study_name"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _config_path(positional: str | None, option: str | None) -> str:
+    """The config named on the command line (positionally or with ``--config``), else the default."""
+    if positional and option and positional != option:
+        raise UserError(f"two configs given ({positional} and --config {option}); give one")
+    path = positional or option
+    if path:
+        return path
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    raise UserError(f"no config given and no {DEFAULT_CONFIG} here; run python -m xclip_jax.tune CONFIG "
+                    "(e.g. configs/quickstart.yaml from the repository)")
+
+
+# Command-line flags that override the config's key of the same name.
+OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_dir", "checkpoint_dir", "max_epochs",
+             "max_patience", "batch_trials")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m xclip_jax.tune",
+        description="Run or resume an Optuna study that tunes projection heads: each trial trains in a runner "
+                    "process, and the study writes its best config, results, summary and plots into output_dir. "
+                    "Rerunning the same command resumes the study. A flag named after a config key (--n-trials: "
+                    "n_trials) overrides it.")
+    parser.add_argument("config", nargs="?", help=f"tuning YAML (the original's keys are accepted); default "
+                                                  f"{DEFAULT_CONFIG} when it exists")
+    parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same, as the original's flag")
+    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL, e.g. sqlite:///optuna.db or "
+                                                         "postgresql+psycopg://user@host/db")
+    parser.add_argument("--study-name", metavar="NAME", help="the study to run or resume in the storage")
+    parser.add_argument("--n-trials", type=int, metavar="N",
+                        help="the study's total: trials it has finished count toward it (a rerun runs the rest); "
+                             "to run N more than it has, use --add-trials")
+    parser.add_argument("--n-jobs", type=int, metavar="N", help="trial processes at once on this machine")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="start no trial after this many seconds of this run")
+    parser.add_argument("--output-dir", metavar="DIR", help="where the best config, results, summary and plots go")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="where each trial's checkpoint goes")
+    parser.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial")
+    parser.add_argument("--max-patience", type=int, metavar="N",
+                        help="stop a trial after N epochs without a better validation R@1")
+    parser.add_argument("--batch-trials", type=int, metavar="K",
+                        help="train K trials of the same shapes in one program (1: each alone)")
+    parser.add_argument("--add-trials", type=int, metavar="N",
+                        help="run N trials more than the study has finished (what rerunning the original did); "
+                             "an addition, where --n-trials is the total")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (each finished trial still prints its line)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return parser
+
+
+def command_line(argv=None) -> tuple[TuneConfig, argparse.Namespace, str]:
+    """``python -m xclip_jax.tune``'s command line: the typed config (its YAML, with the flags named after
+    its keys applied and checked like the YAML), the other flags, and the config's path."""
+    args = _parser().parse_args(argv)
+    if args.add_trials is not None and args.add_trials < 1:
+        raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
+    config_path = _config_path(args.config, args.config_option)
+    cfg = load_tune_config(config_path)
+    overrides = {key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None}
+    if overrides:
+        try:
+            cfg = validate_tune(dataclasses.replace(cfg, **overrides))
+        except ValueError as e:
+            raise ConfigError(f"command-line override: {e}") from None
+    return cfg, args, config_path
