@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec, _unused
 
 
 class ConfigError(UserError):
@@ -138,23 +138,16 @@ class TrainConfig:
                f"device {self.device!r}: use auto, cpu, cuda or cuda:N (gpu, gpu:N also work)")
 
 
-# The fields that matter only for some head or loss types (the others ignore them).
-_ONLY_FOR = {("model", "hidden_dim"): ("clip", "mlp"), ("model", "num_heads"): ("attention",),
-             ("model", "num_layers"): ("attention",), ("model", "init"): ("linear", "siglip"),
-             ("loss", "learnable_bias"): ("sigmoid_infonce",), ("loss", "sigmoid_normalize"): ("sigmoid_infonce",),
-             ("loss", "queue_size"): ("queue_infonce",), ("loss", "mask_batch_duplicates"): ("queue_infonce",)}
-
-
 def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
     """The resolved settings of a training run in one line (the defaults filled in, the fields its head
     and loss ignore left out), e.g. ``settings: model clip (output_dim 512, hidden_dim 576/2048 (half of
     each input dim), dropout 0.1); loss softmax_infonce (…); training batch_size 2048, …; seed 42``."""
 
-    def fields(section: str, spec) -> str:
+    def fields(spec) -> str:
         said = []
         for f in dataclasses.fields(spec):
-            value, kind = getattr(spec, f.name), getattr(spec, "type", None)
-            if f.name == "type" or kind not in _ONLY_FOR.get((section, f.name), (kind,)):
+            value = getattr(spec, f.name)
+            if f.name == "type" or f.name in _unused(spec) or (f.name == "init" and spec.type not in CCA_HEADS):
                 continue
             if f.name == "hidden_dim" and value is None:  # as in the original: half of each input dim
                 value = f"{image_dim // 2}/{text_dim // 2} (half of each input dim)"
@@ -163,8 +156,8 @@ def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
             said.append(f"{f.name} {value:g}" if isinstance(value, float) else f"{f.name} {value}")
         return ", ".join(said)
 
-    return (f"settings: model {cfg.model.type} ({fields('model', cfg.model)}); loss {cfg.loss.type} "
-            f"({fields('loss', cfg.loss)}); training {fields('training', cfg.training)}; seed {cfg.seed}")
+    return (f"settings: model {cfg.model.type} ({fields(cfg.model)}); loss {cfg.loss.type} ({fields(cfg.loss)}); "
+            f"training {fields(cfg.training)}; seed {cfg.seed}")
 
 
 # Keys the original spelled differently: old name -> our field name, per section.
