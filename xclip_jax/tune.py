@@ -57,8 +57,6 @@ class Driver:
         """Every check first (folders, the stored study's space, the data, the search space against the
         data), creating nothing; only then create the folders, the storage's SQLite file, the study,
         store its space, claim the folders and cache the data."""
-        import optuna
-
         from xclip_jax import data
         from xclip_jax.config import dump_yaml
 
@@ -87,14 +85,7 @@ class Driver:
             check_writable(folder)
         if self.storage is None:
             self._open_storage()
-        try:
-            self.study = optuna.create_study(study_name=cfg.study_name, storage=self.storage,
-                                             sampler=st.make_sampler(cfg), pruner=st.make_pruner(cfg),
-                                             direction="maximize", load_if_exists=True)
-        except Exception as e:
-            raise UserError(f"storage {mask_secrets(cfg.storage)}: cannot open study {cfg.study_name!r} "
-                            f"({str(e).splitlines()[0]}); check the storage URL") from None
-        space.store_space(self.study, cfg)
+        self.study = st.open_study(self.storage, cfg)  # safe to race: drivers started at one moment
         claim(folders, cfg.study_name)
         record_output_dir(self.study, self.out)
         data.write_cache(sets, self.cache_dir)
