@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
+from tests.conftest import TUNE as TINY_STUDY
 from tests.conftest import write
 from tests.test_config import ORIGINAL_FULL, ROOT, _bad  # noqa: F401  (the shared training-config fixtures)
 from xclip_jax.config import ConfigError, TrainConfig, dump_yaml, load_train_config
@@ -144,9 +145,10 @@ def test_a_training_section_in_a_tuning_config_names_the_tuning_keys(tmp_path, s
     assert "storage" not in msg and "\n" not in msg
 
 
-def test_the_quickstart_raises_no_warning():
-    """Every combination of the shipped quickstart's choices runs on its data: no queue smaller than a
-    batch, nothing skipped, no start-up warning."""
+def test_the_shipped_configs_raise_no_warning():
+    """Every combination of the shipped configs' choices runs on their data (the quickstart's synthetic
+    set; COCO dims and rows for the default): no queue smaller than a batch, nothing skipped, no
+    start-up warning."""
     from xclip_jax import space
     from xclip_jax.study import pruning_warning
 
@@ -154,6 +156,22 @@ def test_the_quickstart_raises_no_warning():
     synth = cfg.data.synthetic
     assert space.check_combinations(cfg, synth.images * synth.captions, (synth.image_dim, synth.text_dim)) is None
     assert pruning_warning(cfg) is None
+    default = load_tune_config(ROOT / "configs" / "default.yaml")
+    assert space.check_combinations(default, 100_000, (1152, 4096)) is None
+    assert pruning_warning(default) is None
+
+
+def test_a_skipped_combination_warning_says_each_reason_once(tmp_path):
+    from xclip_jax import space
+
+    raw = yaml.safe_load(TINY_STUDY.format(n_trials=4, dir=tmp_path))["search_space"]
+    raw.update(loss_type={"type": "categorical", "choices": ["softmax_infonce", "queue_infonce"]},
+               queue_size={"type": "categorical", "choices": [64, 96, 256]})
+    cfg = load_tune_config(write(tmp_path, search_space=raw))
+    warning = space.check_combinations(cfg, rows=1500, dims=(16, 24))
+    assert warning.count("the queue holds less than one batch of negatives") == 1
+    assert "queue_size 64 is smaller than training.batch_size 128" in warning
+    assert "queue_size 96 is smaller than training.batch_size 128" in warning and "\n" not in warning
 
 
 def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):

@@ -123,8 +123,14 @@ def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str
     skipped = sorted({p for p in combos.values() if p})
     if not skipped:
         return None
+    # One sentence: each reason once, with the choices it holds for ("X is smaller than Y: why").
+    by_reason: dict[str, list[str]] = {}
+    for problem in skipped:
+        what, _, why = problem.partition(": ")
+        by_reason.setdefault(why, []).append(what)
+    reasons = "; ".join(f"{', '.join(whats)}: {why}" if why else ", ".join(whats) for why, whats in by_reason.items())
     return (f"search_space: {sum(map(bool, combos.values()))} of {len(combos)} combinations are skipped when "
-            f"sampled ({'; '.join(skipped[:3])}{' …' if len(skipped) > 3 else ''})")
+            f"sampled ({reasons})")
 
 
 def space_record(cfg: TuneConfig) -> dict:
