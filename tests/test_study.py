@@ -196,3 +196,57 @@ def test_a_resumed_study_does_not_repeat_its_first_trials(tmp_path):
         resumed.tell(st.ask_trial(resumed, storage, cfg, (16, 24), 1500), 0.5)
     params = [tuple(sorted(t.params.items())) for t in resumed.get_trials() if space.SKIPPED_ATTR not in t.system_attrs]
     assert len(params) == 6 and len(set(params)) == 6
+
+
+@pytest.mark.parametrize("kind,cls", [("tpe", "TPESampler"), ("gp", "GPSampler"), ("qmc", "QMCSampler"),
+                                      ("random", "RandomSampler"), ("cmaes", "CmaEsSampler")])
+def test_samplers_by_name(tmp_path, kind, cls, monkeypatch):
+    """Each of Optuna's samplers by name draws this space's trials; a missing extra is one line naming it."""
+    import importlib.util
+
+    cfg_path = write(tmp_path, sampler={"type": kind, "seed": 3, "n_startup_trials": 2})
+    if kind == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        with pytest.raises(Exception, match=r"sampler cmaes needs cmaes: pip install '\.\[cmaes\]'"):
+            load_tune_config(cfg_path)
+        return
+    cfg = load_tune_config(cfg_path)
+    study = optuna.create_study(direction="maximize", sampler=st.make_sampler(cfg))
+    for i in range(4):
+        trial = study.ask()
+        space.sample(trial, cfg)
+        study.tell(trial, 0.1 * i)
+    assert type(study.sampler._base).__name__ == cls
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    with pytest.raises(Exception, match=r"sampler gp needs torch: pip install '\.\[gp\]'") as e:
+        load_tune_config(write(tmp_path, sampler={"type": "gp"}))
+    assert "\n" not in str(e.value)
+
+
+def test_start_up_trials_count_bundles(tmp_path):
+    """With batch_trials K, K x n_startup_trials trials are drawn at random (a bundle explores one
+    structure), and the sampler is TPE only after them."""
+    cfg = load_tune_config(write(tmp_path, batch_trials=4, sampler={"type": "tpe", "seed": 3, "n_startup_trials": 2}))
+    sampler = st.make_sampler(cfg)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    trial = study.ask()
+    assert sampler._base._n_startup_trials == 8
+    study.tell(trial, 0.1)
+
+
+def test_init_is_searched_where_a_head_can_start_from_cca(tmp_path):
+    from xclip_jax.tune_config import implicit_init
+
+    cfg = load_tune_config(write(tmp_path))  # head_type siglip, clip, mlp; no init anywhere
+    searched, line = implicit_init(cfg)
+    assert searched.search_space["init"].choices == ("default", "cca")
+    assert "init searched over [default, cca] for the siglip head" in line and "search_init: false" in line
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):  # sampled for siglip only (its default condition)
+        params = space.sample(study.ask(), searched)
+        assert ("init" in params) == (params["head_type"] == "siglip")
+    off = [load_tune_config(write(tmp_path, search_init=False)), load_tune_config(write(tmp_path, fixed={
+        "output_dim": 16, "init": "default"})), load_tune_config(write(tmp_path, search_space={
+            "head_type": {"type": "categorical", "choices": ["clip", "mlp"]}}))]
+    for cfg_off in off:
+        assert implicit_init(cfg_off) == (cfg_off, None)

@@ -82,15 +82,26 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 
 def make_sampler(cfg: TuneConfig):
-    """The config's sampler, its draws seeded per trial (``TrialSeededSampler``)."""
+    """The config's sampler by name, its draws seeded per trial (``TrialSeededSampler``). With
+    ``batch_trials: K`` the start-up trials count bundles: a bundle's companions share its lead's
+    structure, so K x ``n_startup_trials`` trials explore as many structures as K = 1 would."""
     s = cfg.sampler
+    startup = s.n_startup_trials * cfg.batch_trials
 
     def build(seed: int):
-        if s.type == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
         with quiet_optuna():
-            return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, group=s.multivariate,
-                                              constant_liar=s.constant_liar, n_startup_trials=s.n_startup_trials)
+            if s.type == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+            if s.type == "qmc":  # the sequence's scramble is the seed: the same for every trial
+                return optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False)
+            if s.type == "gp":
+                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+            if s.type == "cmaes":
+                return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup,
+                                                    warn_independent_sampling=False)
+            group = s.multivariate if s.group is None else s.group
+            return optuna.samplers.TPESampler(seed=seed, multivariate=s.multivariate, group=group,
+                                              constant_liar=s.constant_liar, n_startup_trials=startup)
 
     return TrialSeededSampler(build, s.seed)
 

@@ -32,6 +32,7 @@ from xclip_jax.runtime import (
     host_name,
 )
 from xclip_jax.storage import expand_url, make_storage
+from xclip_jax.tune_config import implicit_init
 
 
 class Driver:
@@ -359,6 +360,9 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     warning = st.pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    cfg, searched = implicit_init(cfg)
+    if searched:
+        print(searched)
     driver = Driver(cfg, progress=progress)
     driver.prepare()
     finished = st.counts(driver.study)["finished"]
@@ -375,11 +379,12 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
 
 def main(argv=None):
     """``python -m xclip_jax.tune [CONFIG | --config CONFIG] [--storage URL] [--n-trials N] …`` (the flags:
-    ``tune_config.command_line``)."""
-    from xclip_jax.tune_config import command_line
+    ``tune_cli.command_line``)."""
+    from xclip_jax.tune_cli import command_line
 
     cfg, args, config_path = command_line(argv)
     result = run_study(cfg, progress=not args.no_progress, add_trials=args.add_trials)
+    cfg = implicit_init(cfg)[0]  # the space the study searched, for the advice below
     for warning in getattr(result["outputs"], "warnings", ()):
         print(f"warning: {warning}", file=sys.stderr)
     c = result["counts"]

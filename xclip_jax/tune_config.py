@@ -8,7 +8,6 @@ sections (the core's specs), derived from those fields, so no parameter is liste
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -77,16 +76,31 @@ class PrunerConfig:
         return self.min_resource * self.reduction_factor ** self.min_early_stopping_rate
 
 
+# Optuna's samplers by name, and what each needs beyond the package's own dependencies (the extra).
+SAMPLER_NEEDS = {"tpe": (), "random": (), "qmc": (), "gp": ("torch", "scipy"), "cmaes": ("cmaes",)}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
+    """The sampler (``sampler:``): Optuna's TPE (``multivariate``, ``group``, ``constant_liar``,
+    ``n_startup_trials``), ``gp`` (GPSampler), ``cmaes``, ``qmc`` or ``random``. With
+    ``batch_trials: K`` the start-up trials count bundles: K x ``n_startup_trials`` trials."""
+
     type: str = "tpe"
     seed: int = 42
     multivariate: bool = True
+    group: bool | None = None  # None: as multivariate (group needs multivariate)
     constant_liar: bool = True
     n_startup_trials: int = 8
 
     def __post_init__(self):
-        _check(self.type in ("tpe", "random"), f"sampler type must be tpe or random, got {self.type!r}")
+        _check(self.type in SAMPLER_NEEDS, f"unknown sampler {self.type!r}; allowed: {', '.join(SAMPLER_NEEDS)}")
+        _check(self.n_startup_trials >= 0, "n_startup_trials must be >= 0")
+        _check(not (self.group and not self.multivariate), "group: true needs multivariate: true")
+        import importlib.util
+
+        missing = [m for m in SAMPLER_NEEDS[self.type] if importlib.util.find_spec(m) is None]
+        _check(not missing, f"sampler {self.type} needs {' and '.join(missing)}: pip install '.[{self.type}]'")
 
 
 # A trial runner runs this many trials, then a fresh one replaces it (and earlier, when its resident
@@ -109,6 +123,9 @@ class TuneConfig:
     search_space: dict = dataclasses.field(default_factory=dict)
     pruner: PrunerConfig = dataclasses.field(default_factory=PrunerConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    # Search init over [default, cca] where the space has a head that can start from CCA and the
+    # config does not name init (see implicit_init).
+    search_init: bool = True
     max_epochs: int = 8
     max_patience: int = 2
     output_dir: str = "optuna_results"
@@ -316,6 +333,25 @@ def best_train_config(cfg, trial):
 
 
 INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
+INIT_CHOICES = ("default", "cca")
+
+
+def implicit_init(cfg: TuneConfig) -> tuple[TuneConfig, str | None]:
+    """The config with ``init`` searched over [default, cca] when its space holds a head that can start
+    from CCA (linear, siglip) and it names init nowhere (the warm start the search-quality benchmark
+    chose: benchmarks/RESULTS.md), with the start-up line that says so; else the config, None."""
+    if not cfg.search_init or "init" in cfg.search_space or "init" in cfg.fixed:
+        return cfg, None
+    head = cfg.search_space.get("head_type")
+    heads = list(head.choices) if head is not None and head.type == "categorical" else [
+        cfg.fixed.get("head_type", HeadSpec().type)]
+    cca_heads = [h for h in heads if h in CCA_HEADS]
+    if not cca_heads:
+        return cfg, None
+    space = ParamSpace(type="categorical", choices=tuple(INIT_CHOICES))
+    line = (f"search_space: init searched over [default, cca] for the {' and '.join(cca_heads)} head "
+            "(the CCA warm start); search_init: false (or fixed: {init: default}) turns it off")
+    return dataclasses.replace(cfg, search_space={**cfg.search_space, "init": space}), line
 
 
 def baseline_advice(cfg) -> tuple[str, bool]:
@@ -343,78 +379,3 @@ def advice_line(cfg) -> str:
     """:func:`baseline_advice` in one phrase (with a new study_name where the study can't go on)."""
     change, same_study = baseline_advice(cfg)
     return change if same_study else f"{change}, under a new study_name"
-
-
-# ----------------------------------------------------------------------------- the command line
-
-DEFAULT_CONFIG = "configs/default.yaml"
-
-
-def _config_path(positional: str | None, option: str | None) -> str:
-    """The config named on the command line (positionally or with ``--config``), else the default."""
-    if positional and option and positional != option:
-        raise UserError(f"two configs given ({positional} and --config {option}); give one")
-    path = positional or option
-    if path:
-        return path
-    if Path(DEFAULT_CONFIG).is_file():
-        return DEFAULT_CONFIG
-    raise UserError(f"no config given and no {DEFAULT_CONFIG} here; run python -m xclip_jax.tune CONFIG "
-                    "(e.g. configs/quickstart.yaml from the repository)")
-
-
-# Command-line flags that override the config's key of the same name.
-OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_dir", "checkpoint_dir", "max_epochs",
-             "max_patience", "batch_trials")
-
-
-def _parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m xclip_jax.tune",
-        description="Run or resume an Optuna study that tunes projection heads: each trial trains in a runner "
-                    "process, and the study writes its best config, results, summary and plots into output_dir. "
-                    "Rerunning the same command resumes the study. A flag named after a config key (--n-trials: "
-                    "n_trials) overrides it.")
-    parser.add_argument("config", nargs="?", help=f"tuning YAML (the original's keys are accepted); default "
-                                                  f"{DEFAULT_CONFIG} when it exists")
-    parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the same, as the original's flag")
-    parser.add_argument("--storage", metavar="URL", help="Optuna storage URL, e.g. sqlite:///optuna.db or "
-                                                         "postgresql+psycopg://user@host/db")
-    parser.add_argument("--study-name", metavar="NAME", help="the study to run or resume in the storage")
-    parser.add_argument("--n-trials", type=int, metavar="N",
-                        help="the study's total: trials it has finished count toward it (a rerun runs the rest); "
-                             "to run N more than it has, use --add-trials")
-    parser.add_argument("--n-jobs", type=int, metavar="N", help="trial processes at once on this machine")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="start no trial after this many seconds of this run")
-    parser.add_argument("--output-dir", metavar="DIR", help="where the best config, results, summary and plots go")
-    parser.add_argument("--checkpoint-dir", metavar="DIR", help="where each trial's checkpoint goes")
-    parser.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial")
-    parser.add_argument("--max-patience", type=int, metavar="N",
-                        help="stop a trial after N epochs without a better validation R@1")
-    parser.add_argument("--batch-trials", type=int, metavar="K",
-                        help="train K trials of the same shapes in one program (1: each alone)")
-    parser.add_argument("--add-trials", type=int, metavar="N",
-                        help="run N trials more than the study has finished (what rerunning the original did); "
-                             "an addition, where --n-trials is the total")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar (each finished trial still prints its line)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return parser
-
-
-def command_line(argv=None) -> tuple[TuneConfig, argparse.Namespace, str]:
-    """``python -m xclip_jax.tune``'s command line: the typed config (its YAML, with the flags named after
-    its keys applied and checked like the YAML), the other flags, and the config's path."""
-    args = _parser().parse_args(argv)
-    if args.add_trials is not None and args.add_trials < 1:
-        raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
-    config_path = _config_path(args.config, args.config_option)
-    cfg = load_tune_config(config_path)
-    overrides = {key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None}
-    if overrides:
-        try:
-            cfg = validate_tune(dataclasses.replace(cfg, **overrides))
-        except ValueError as e:
-            raise ConfigError(f"command-line override: {e}") from None
-    return cfg, args, config_path
