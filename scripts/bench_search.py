@@ -148,6 +148,7 @@ def run_seed(raw: dict, seed: int, run_dir: Path, timeout: float | None) -> dict
                   best_params=best.get("best_params"),
                   backend=(best.get("user_attrs") or {}).get("jax_backend"),
                   useful_fraction=(summary.get("throughput") or {}).get("useful_fraction"),
+                  programs_compiled=(summary.get("throughput") or {}).get("programs_compiled"),
                   baseline=_best_baseline(best.get("baselines")))
     if not best:
         return {**result, "error": "no trial completed"}
