@@ -15,7 +15,7 @@ LAYERS = [
     {"heads", "metrics"},                                                # the core
     {"config", "data", "figures", "storage", "runtime", "pool"},             # edges, I/O, processes
     {"tune_config", "step", "baselines"},                                # tuning config; the training step; baselines
-    {"checkpoint", "programs", "space", "study", "study_plots", "tune_cli"},         # checkpoints, kept programs; the study policy
+    {"checkpoint", "programs", "space", "study", "study_plots", "tune_cli", "verdict"},         # checkpoints, kept programs; the study policy
     {"evaluate", "fit", "report", "export"},                             # evaluation, the fit loop; study outputs; export
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver
@@ -78,7 +78,7 @@ def test_no_import_circle():
         visit(module)
 
 
-@pytest.mark.parametrize("module", ["tune", "report", "data", "study", "pool", "runtime", "tune_config", "tune_cli", "spec"])
+@pytest.mark.parametrize("module", ["tune", "report", "data", "study", "pool", "runtime", "tune_config", "tune_cli", "verdict", "spec"])
 def test_the_driver_side_imports_no_jax(module):
     code = (f"import sys, xclip_jax.{module}; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax')]; "

@@ -7,7 +7,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from xclip_jax import report
+from xclip_jax import report, verdict
 from xclip_jax.study_plots import PLOT_NAMES
 from xclip_jax.tune_config import INIT_LINE
 
@@ -299,14 +299,14 @@ def test_best_config_below_the_baseline_says_so_with_the_yaml_to_add(tmp_path):
 def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
     cfg, _ = _tiny_study(tmp_path, record=False)
     won = {"best_value": 0.42, "baselines": _baseline(0.40), "interrupted": False}
-    line = report.next_step(cfg, "tune.yaml", won)
+    line = verdict.next_step(cfg, "tune.yaml", won)
     assert line.startswith(f"next: python -m xclip_jax.train {tmp_path / 'results' / 'best_config.yaml'}")
-    lost = report.next_step(cfg, "tune.yaml", {**won, "baselines": _baseline(0.50)})
+    lost = verdict.next_step(cfg, "tune.yaml", {**won, "baselines": _baseline(0.50)})
     assert lost.startswith("next: in tune.yaml, start heads from the CCA solution") and INIT_LINE in lost
     assert "python -m xclip_jax.tune tune.yaml --add-trials 6" in lost and "python -m xclip_jax.train" in lost
-    assert report.next_step(cfg, "tune.yaml", {**won, "baselines": None}).startswith("next: python -m xclip_jax.train")
-    assert report.next_step(cfg, "tune.yaml", {**won, "interrupted": True}) is None
-    assert report.next_step(cfg, "tune.yaml", {**won, "best_value": None}) is None
+    assert verdict.next_step(cfg, "tune.yaml", {**won, "baselines": None}).startswith("next: python -m xclip_jax.train")
+    assert verdict.next_step(cfg, "tune.yaml", {**won, "interrupted": True}) is None
+    assert verdict.next_step(cfg, "tune.yaml", {**won, "best_value": None}) is None
 
 
 def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):
@@ -324,3 +324,18 @@ def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):
     assert study_plots.parallel_params(study, imps) == ["p8", "p3", "p0", "p1", "p2", "p4"]
     assert study_plots._shared_suffix(["sigmoid_infonce", "softmax_infonce"]) == "_infonce"
     assert study_plots._shared_suffix(["siglip", "clip"]) == ""
+
+
+def test_the_top_trials_and_their_margins_are_in_best_results_and_one_line(tmp_path):
+    """How sure the answer is: the best complete trials, each one's gap to the best and margin over the
+    best baseline, in best_results.json and in the study's last lines."""
+    cfg, study = _tiny_study(tmp_path, values=(0.30, 0.42, 0.41, 0.10), baselines=_baseline(0.40), record=False)
+    report.write_outputs(study, cfg)
+    top = json.loads((tmp_path / "results" / "best_results.json").read_text())["top_trials"]
+    assert [t["number"] for t in top] == [1, 2, 0, 3]
+    assert [round(t["behind_best"], 3) for t in top] == [0.0, -0.01, -0.12, -0.32]
+    assert [round(t["over_best_baseline"], 3) for t in top] == [0.02, 0.01, -0.1, -0.3]
+    assert set(top[0]["params"]) >= {"head_type", "learning_rate"}
+    line = verdict.top_line(top)
+    assert line.startswith("top trials: #1 0.420, #2 0.410 (-0.010), #0 0.300 (-0.120)") and "\n" not in line
+    assert verdict.top_line(top[:1]) is None

@@ -35,7 +35,8 @@ from xclip_jax.errors import UserError, cli, exception_line
 from xclip_jax.runtime import check_owners, claim, host_name
 from xclip_jax.study import load_study
 from xclip_jax.study_plots import importances, write_plots
-from xclip_jax.tune_config import advice_line, baseline_advice, best_train_config, load_tune_config
+from xclip_jax.tune_config import advice_line, best_train_config, load_tune_config
+from xclip_jax.verdict import against_baselines, below_baseline, top_trials
 
 _STATES = (
     TrialState.COMPLETE,
@@ -244,28 +245,6 @@ def recorded_output_dir(study) -> Path | None:
     return Path(path) if path else None
 
 
-def _top_baseline(baselines: list) -> dict:
-    return max(baselines, key=lambda b: b["val"]["r1"])
-
-
-def below_baseline(best_value: float | None, baselines) -> dict | None:
-    """The best closed-form baseline when it beats the study's best trial, else None."""
-    if best_value is None or not baselines:
-        return None
-    top = _top_baseline(baselines)
-    return top if best_value < top["val"]["r1"] else None
-
-
-def _against_baselines(best_value: float, baselines) -> dict:
-    if not baselines:
-        return {}
-    top = _top_baseline(baselines)
-    return {"baselines": [{"name": b["name"], "param": b["param"], "val_r1": b["val"]["r1"],
-                           "test_r1": (b.get("test") or {}).get("r1"), "fit_seconds": b["fit_seconds"]}
-                          for b in baselines],
-            "best_baseline": top["name"], "over_best_baseline": best_value - top["val"]["r1"]}
-
-
 def write_outputs(study, cfg) -> dict:
     """best_config.yaml, best_results.json and the report (summary, importances, plots)."""
     from xclip_jax.study import counts
@@ -296,51 +275,13 @@ def write_outputs(study, cfg) -> dict:
         "user_attrs": best.user_attrs,
         "checkpoint": str(Path(cfg.checkpoint_dir) / f"{best.number:05d}"),
         "counts": counts(study),
-        **_against_baselines(best.value, study.user_attrs.get("xclip_baselines")),
+        **against_baselines(best.value, study.user_attrs.get("xclip_baselines")),
+        "top_trials": top_trials(study, study.user_attrs.get("xclip_baselines")),
     }
     (out / "best_results.json").write_text(json.dumps(results, indent=2, default=str))
     written["best_config"] = out / "best_config.yaml"
     written["best_results"] = out / "best_results.json"
     return written
-
-
-# ---------------------------------------------------------------------------- lines for the terminal
-
-
-def report_baselines(best: float | None, baselines: list | None, cfg=None) -> None:
-    """Print the study's best trial against its best closed-form baseline in one line, e.g. ``best
-    trial 0.531, +0.052 over CCA-128 (0.479)`` (and a warning when the baseline is better, with the
-    tuning config's change when ``cfg`` is given)."""
-    if best is None or not baselines:
-        return
-    top = _top_baseline(baselines)
-    print(f"best trial {best:.3f}, {best - top['val']['r1']:+.3f} over {top['name']} ({top['val']['r1']:.3f})")
-    if best < top["val"]["r1"]:
-        advice = f"; in the tuning config: {advice_line(cfg)}" if cfg is not None else ""
-        print(f"warning: the study's best trial ({best:.3f}) is below the linear baseline {top['name']} "
-              f"({top['val']['r1']:.3f}); widen the search (learning rate, epochs) or start heads from it "
-              f"(head_type linear or siglip with init: cca){advice}", file=sys.stderr)
-
-
-def next_step(cfg, config_path: str, result: dict) -> str | None:
-    """The one line that ends a study: the command that trains its best config, or, when a linear
-    baseline beat it, what to change first (None when it was interrupted or nothing completed)."""
-    if result.get("interrupted") or result.get("best_value") is None:
-        return None
-    train = f"python -m xclip_jax.train {Path(cfg.output_dir) / 'best_config.yaml'}"
-    if below_baseline(result["best_value"], result.get("baselines")):
-        change, same_study = baseline_advice(cfg)
-        rerun = (f"python -m xclip_jax.tune {config_path} --add-trials {cfg.n_trials}" if same_study else
-                 f"python -m xclip_jax.tune {config_path} with a new study_name")
-        return f"next: in {config_path}, {change}; then {rerun} (or train the best trial anyway: {train})"
-    return f"next: {train}   (trains the best configuration on the full data, up to {cfg.final_epochs} epochs)"
-
-
-def throughput_line(t: dict) -> str:
-    """Where this run's time went: the useful fraction and what the rest was spent on."""
-    return (f"useful fraction {t['useful_fraction']:.2f} (training {t['train_seconds']:.0f} s of {t['n_jobs']} x "
-            f"{t['wall_seconds']:.0f} s; start-up {t['startup_seconds']:.0f} s, compile {t['compile_seconds']:.0f} s, "
-            f"evaluation {t['eval_seconds']:.0f} s over {t['trials']} trials)")
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -23,7 +23,8 @@ from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax.pool import Pool
-from xclip_jax.report import next_step, record_output_dir, report_baselines, throughput_line
+from xclip_jax.report import record_output_dir
+from xclip_jax.verdict import next_step, report_baselines, throughput_line, top_line, top_trials
 from xclip_jax.runtime import (
     STORAGE_ENV,
     check_owners,
@@ -317,6 +318,7 @@ class Driver:
             outputs = {}  # the disk is full: the next run writes them
         return {"interrupted": interrupted, "counts": st.counts(self.study), "wall_seconds": wall,
                 "best_value": None if self._best() == "-" else self.study.best_value,
+                "top_trials": top_trials(self.study, self.study.user_attrs.get(st.BASELINES_ATTR)),
                 "outputs": outputs, "halt": self.halt, "throughput": throughput}
 
     def _best(self) -> str:
@@ -394,6 +396,9 @@ def main(argv=None):
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
     if result["throughput"]["trials"]:
         print(throughput_line(result["throughput"]))
+    line = top_line(result.get("top_trials") or [])
+    if line:
+        print(line)
     report_baselines(result.get("best_value"), result.get("baselines"), cfg)
     if result["halt"]:
         raise UserError(result["halt"])
