@@ -108,13 +108,15 @@ class Runner:
         out = Path(self.cfg.checkpoint_dir) / f"{trial.number:05d}"
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(train_cfg, out / "cfg.yaml", header=TRIAL_HEADER.format(number=trial.number, study=self.cfg.study_name))
-        attrs = {"pid": os.getpid(), "host": host_name(), "jax_backend": self.backend,
+        attrs = {"host": host_name(), "jax_backend": self.backend,
                  "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"), "checkpoint": str(out)}
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             attrs["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         if size > 1:  # trained in one program with others of the same shapes; `bundle` = the lead's number
             attrs.update(bundle=lead, bundle_size=size)
-        for key, value in attrs.items():
+        # One write each: `pid` last, so a trial that has it has the others (a runner killed between two
+        # writes leaves no trial with a pid and no host).
+        for key, value in {**attrs, "pid": os.getpid()}.items():
             trial.set_user_attr(key, value)
         return trial, train_cfg, out
 
