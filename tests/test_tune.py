@@ -20,6 +20,7 @@ from tests.conftest import (
     wait_for,
     write,
 )
+from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.config import load_train_config
 
@@ -284,7 +285,8 @@ def test_batched_trials_each_their_own_optuna_trial(tmp_path):
     assert any(len(members) == 3 for members in bundles.values())
     for lead, members in bundles.items():
         assert lead in {m.number for m in members}
-        structural = [{k: v for k, v in m.params.items() if k != "learning_rate"} for m in members]
+        # the data parameters (learning rate; init, searched implicitly for siglip) are each member's own
+        structural = [{k: v for k, v in m.params.items() if k not in space.DATA_PARAMS} for m in members]
         assert all(s == structural[0] for s in structural)
         assert len({m.params["learning_rate"] for m in members}) == len(members)
         assert len({m.user_attrs["pid"] for m in members}) == 1
