@@ -52,8 +52,8 @@ def make_storage(url: str, *, heartbeat: tuple[float, float] | None = None, must
         raise UserError(f"storage {shown!r} is not a database URL (e.g. sqlite:///optuna.db or "
                         f"postgresql+psycopg://user@host/db){hint}")
     full = expand_url(url)
-    if full.startswith("sqlite:///"):
-        db = Path(full[len("sqlite:///"):].split("?", 1)[0])
+    db = sqlite_file(full)
+    if db is not None:
         if must_exist and str(db) not in ("", ":memory:") and not db.is_file():
             raise UserError(f"storage {shown!r}: SQLite file {str(db)!r} does not exist; pass the database the "
                             "tuner wrote (its --storage)")
@@ -81,6 +81,15 @@ def make_storage(url: str, *, heartbeat: tuple[float, float] | None = None, must
                             f"({mask_secrets(exception_line(e))}); rerun the command") from None
         raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
                         "that the server runs") from None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite:///`` URL names (``${NAME}`` expanded; ``Path("")`` or ``:memory:`` for an
+    in-memory database), or None for any other storage."""
+    full = expand_url(url) if "://" in url else url
+    if not full.startswith("sqlite:///"):
+        return None
+    return Path(full[len("sqlite:///"):].split("?", 1)[0])
 
 
 RACE_ATTEMPTS = 8

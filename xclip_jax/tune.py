@@ -32,7 +32,7 @@ from xclip_jax.runtime import (
     claim,
     host_name,
 )
-from xclip_jax.storage import expand_url, make_storage
+from xclip_jax.storage import make_storage, sqlite_file
 from xclip_jax.tune_config import implicit_init
 
 
@@ -338,13 +338,8 @@ def _new_sqlite_file(url: str) -> bool:
     """Whether ``url`` names a SQLite file that is not there yet, in a folder that is: opening the
     storage would create it, so it is opened after every other check (a config that fails them leaves
     no empty database behind). Anything else is opened at once (and says there what is wrong with it)."""
-    if "://" not in url:
-        return False
-    full = expand_url(url)
-    if not full.startswith("sqlite:///"):
-        return False
-    db = full[len("sqlite:///"):].split("?", 1)[0]
-    return db not in ("", ":memory:") and not Path(db).exists() and Path(db).parent.is_dir()
+    db = sqlite_file(url)
+    return db is not None and str(db) not in ("", ".", ":memory:") and not db.exists() and db.parent.is_dir()
 
 
 def _tail(path) -> str:
@@ -365,6 +360,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     cfg, searched = implicit_init(cfg)
     if searched:
         print(searched)
+    ran = cfg  # what the caller gets back: the config as given, with init searched where it is
     driver = Driver(cfg, progress=progress)
     driver.prepare()
     finished = st.counts(driver.study)["finished"]
@@ -376,7 +372,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
               "run, outputs refreshed; to run more add --add-trials N (or raise n_trials)")
     elif finished:
         print(f"study {cfg.study_name}: resuming with {finished} of {cfg.n_trials} trials finished")
-    return driver.run()
+    return {**driver.run(), "cfg": ran}
 
 
 def main(argv=None):
@@ -386,7 +382,7 @@ def main(argv=None):
 
     cfg, args, config_path = command_line(argv)
     result = run_study(cfg, progress=not args.no_progress, add_trials=args.add_trials)
-    cfg = implicit_init(cfg)[0]  # the space the study searched, for the advice below
+    cfg = result["cfg"]  # the config the study ran (init searched where it is), for the advice below
     for warning in getattr(result["outputs"], "warnings", ()):
         print(f"warning: {warning}", file=sys.stderr)
     c = result["counts"]
