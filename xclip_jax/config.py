@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec, _unused
+from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec, unused_fields
 
 
 class ConfigError(UserError):
@@ -147,7 +147,7 @@ def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
         said = []
         for f in dataclasses.fields(spec):
             value = getattr(spec, f.name)
-            if f.name == "type" or f.name in _unused(spec) or (f.name == "init" and spec.type not in CCA_HEADS):
+            if f.name == "type" or f.name in unused_fields(spec) or (f.name == "init" and spec.type not in CCA_HEADS):
                 continue
             if f.name == "hidden_dim" and value is None:  # as in the original: half of each input dim
                 value = f"{image_dim // 2}/{text_dim // 2} (half of each input dim)"

@@ -33,12 +33,12 @@ def static(spec):
     """``spec`` with its data fields, and the fields its type does not use, at their defaults: what a
     compiled program may depend on (an attention head's ``hidden_dim`` changes nothing it computes,
     so it must not make another program)."""
-    fields = set(DATA_FIELDS[type(spec).__name__]) | set(_unused(spec))
+    fields = set(DATA_FIELDS[type(spec).__name__]) | set(unused_fields(spec))
     defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.name in fields}
     return dataclasses.replace(spec, **defaults)
 
 
-def _unused(spec) -> tuple[str, ...]:
+def unused_fields(spec) -> tuple[str, ...]:
     """The fields that ``spec``'s type ignores."""
     if isinstance(spec, HeadSpec):
         return ((() if spec.type in ("clip", "mlp") else ("hidden_dim",))
