@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from xclip_jax.config import dump_yaml
 from xclip_jax.errors import UserError, cli, exception_line
 from xclip_jax.runtime import check_owners, claim, host_name
-from xclip_jax.study import load_study
+from xclip_jax.study import BASELINES_ATTR, load_study
 from xclip_jax.study_plots import importances, write_plots
 from xclip_jax.tune_config import advice_line, best_train_config, load_tune_config
 from xclip_jax.verdict import against_baselines, below_baseline, top_trials
@@ -178,7 +178,7 @@ def study_summary(study: optuna.Study) -> dict:
             # where the last driver run's time went (every run's record is in user_attrs.xclip_runs)
             "throughput": (study.user_attrs.get("xclip_runs") or [None])[-1],
             # the closed-form linear baselines on the same data (val and test metrics of each)
-            "baselines": study.user_attrs.get("xclip_baselines"),
+            "baselines": study.user_attrs.get(BASELINES_ATTR),
             "trials": [trial_record(t) for t in sorted(trials, key=lambda t: t.number)],
         }
     )
@@ -259,7 +259,7 @@ def write_outputs(study, cfg) -> dict:
     tc, warning = best_train_config(cfg, best)
     header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
               f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
-    lost = below_baseline(best.value, study.user_attrs.get("xclip_baselines"))
+    lost = below_baseline(best.value, study.user_attrs.get(BASELINES_ATTR))
     if lost:
         header += (f"# WORSE THAN A LINEAR MAP: the closed-form baseline {lost['name']} reaches validation R@1 = "
                    f"{lost['val']['r1']:.4f}; to beat it, in the tuning config: {advice_line(cfg)}\n")
@@ -275,8 +275,8 @@ def write_outputs(study, cfg) -> dict:
         "user_attrs": best.user_attrs,
         "checkpoint": str(Path(cfg.checkpoint_dir) / f"{best.number:05d}"),
         "counts": counts(study),
-        **against_baselines(best.value, study.user_attrs.get("xclip_baselines")),
-        "top_trials": top_trials(study, study.user_attrs.get("xclip_baselines")),
+        **against_baselines(best.value, study.user_attrs.get(BASELINES_ATTR)),
+        "top_trials": top_trials(study, study.user_attrs.get(BASELINES_ATTR)),
     }
     (out / "best_results.json").write_text(json.dumps(results, indent=2, default=str))
     written["best_config"] = out / "best_config.yaml"
