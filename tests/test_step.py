@@ -274,3 +274,22 @@ def test_a_bundle_epoch_is_each_member_alone(sets, head, loss):
     frozen = create_train_state(specs[1], seed=1)
     jax.tree.map(lambda b, a: np.testing.assert_array_equal(b[1], a), bundle.params, frozen.params)
     assert int(bundle.step[1]) == 0 and int(bundle.step[0]) == d.rows // 256
+
+
+def test_any_integer_seed_trains_and_is_reduced_by_one_rule():
+    """A trial's seed is sampler.seed * 100003 + number: a sampler seed of 42,950 or more, or a
+    negative training seed, overflowed the key's uint32. Every integer works, reduced mod 2**32."""
+    from xclip_jax.spec import key_seed
+    from xclip_jax.tune_config import trial_config, TuneConfig, SamplerConfig
+    from xclip_jax.config import DataConfig, SyntheticData
+
+    cfg = TuneConfig(data=DataConfig(synthetic=SyntheticData()), sampler=SamplerConfig(seed=50_000))
+    seed = trial_config(cfg, {}, trial_number=7).seed
+    assert seed >= 2**32
+    big = create_train_state(_spec(), seed=seed)
+    same = create_train_state(_spec(), seed=seed % 2**32)
+    jax.tree.map(np.testing.assert_array_equal, big.params, same.params)
+    minus_one = create_train_state(_spec(), seed=-1)
+    top = create_train_state(_spec(), seed=2**32 - 1)
+    jax.tree.map(np.testing.assert_array_equal, minus_one.params, top.params)
+    assert key_seed(-1) == 2**32 - 1 and key_seed(2**32 + 5) == 5

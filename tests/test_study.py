@@ -250,3 +250,16 @@ def test_init_is_searched_where_a_head_can_start_from_cca(tmp_path):
             "head_type": {"type": "categorical", "choices": ["clip", "mlp"]}}))]
     for cfg_off in off:
         assert implicit_init(cfg_off) == (cfg_off, None)
+
+
+@pytest.mark.parametrize("seed", [-3, 50_000, 2**40])
+def test_any_integer_sampler_seed_draws(tmp_path, seed):
+    """Samplers (and the per-trial reseeding) take any integer seed, reduced into [0, 2**32)."""
+    from xclip_jax.spec import key_seed
+
+    cfg = load_tune_config(write(tmp_path, sampler={"type": "tpe", "seed": seed, "n_startup_trials": 2}))
+    study = optuna.create_study(sampler=st.make_sampler(cfg), direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert st.trial_seed(seed, 1) == st.trial_seed(key_seed(seed), 1)
+    qmc = load_tune_config(write(tmp_path, sampler={"type": "qmc", "seed": seed}))
+    optuna.create_study(sampler=st.make_sampler(qmc)).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xclip_jax.spec import key_seed
+
 PCA_COMPONENTS = 50
 EXPLAINED_LINE = 0.9
 
@@ -46,7 +48,7 @@ def sample_pairs(row_image: np.ndarray, samples: int, seed: int) -> tuple[np.nda
     """``samples`` (image, caption) pairs drawn at random without replacement (all when fewer):
     returns (image index, caption row) of each pair."""
     rows = np.asarray(row_image).shape[0]
-    pick = np.sort(np.random.default_rng(seed).permutation(rows)[: min(samples, rows)])
+    pick = np.sort(np.random.default_rng(key_seed(seed)).permutation(rows)[: min(samples, rows)])
     return np.asarray(row_image)[pick], pick
 
 
@@ -115,7 +117,7 @@ def plot_tsne(image_NxD: np.ndarray, text_NxD: np.ndarray, perplexity: float, pa
     both = np.concatenate([image_NxD, text_NxD]).astype(np.float32)
     # t-SNE needs perplexity below the number of points.
     perplexity = min(perplexity, max(1.0, (both.shape[0] - 1) / 3))
-    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(both)
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=key_seed(seed)).fit_transform(both)
     fig, ax = plt.subplots(figsize=(6, 5.5))
     _modality_scatter(ax, (points[:n], points[n:]), f"t-SNE of {n} image–text pairs (perplexity {perplexity:g})")
     ax.set_xticks([])

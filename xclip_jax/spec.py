@@ -49,6 +49,17 @@ def unused_fields(spec) -> tuple[str, ...]:
     return ()
 
 
+# Every random stream (a JAX PRNG key, numpy's generators, Optuna's samplers) is seeded from an
+# integer in [0, 2**32): any integer a user writes is reduced into it by this one rule.
+SEED_RANGE = 2**32
+
+
+def key_seed(seed: int) -> int:
+    """``seed`` reduced into ``[0, 2**32)`` (negative and large seeds included): what every random
+    stream of the package is seeded with."""
+    return int(seed) % SEED_RANGE
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)

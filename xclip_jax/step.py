@@ -23,7 +23,7 @@ from flax import struct
 from xclip_jax import losses
 from xclip_jax.heads import init_head_params, make_heads
 from xclip_jax.metrics import DEFAULT_CHUNK_SIZE, ranks, summarise
-from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, static
+from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, key_seed, static
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,7 +143,7 @@ def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: fl
 def state_args(spec: TrainSpec, seed: int) -> tuple:
     """``_fresh_state``'s arguments: the static spec, then the seed and the data fields as arrays."""
     # numpy scalars: placing them on the device compiles nothing (jnp.asarray would, once per dtype)
-    return (spec.static(), np.uint32(seed), np.float32(spec.training.learning_rate),
+    return (spec.static(), np.uint32(key_seed(seed)), np.float32(spec.training.learning_rate),
             np.float32(spec.training.weight_decay), np.float32(spec.loss.temperature), np.float32(spec.head.dropout))
 
 

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from xclip_jax import space
 from xclip_jax.errors import UserError, exception_line, mask_secrets
+from xclip_jax.spec import key_seed
 from xclip_jax.storage import make_storage, quiet_optuna, retry_races
 from xclip_jax.tune_config import (
     TuneConfig,
@@ -43,7 +44,7 @@ def trial_seed(seed: int, number: int) -> int:
     """The sampler's seed for trial ``number`` of a study seeded ``seed``."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+    return int(np.random.SeedSequence([key_seed(seed), number]).generate_state(1)[0])
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -59,7 +60,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, build, seed: int):
         self._build, self._seed = build, seed
-        self._base = build(seed)
+        self._base = build(key_seed(seed))
 
     def before_trial(self, study, trial) -> None:
         self._base = self._build(trial_seed(self._seed, trial.number))
@@ -93,7 +94,7 @@ def make_sampler(cfg: TuneConfig):
             if s.type == "random":
                 return optuna.samplers.RandomSampler(seed=seed)
             if s.type == "qmc":  # the sequence's scramble is the seed: the same for every trial
-                return optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False)
+                return optuna.samplers.QMCSampler(seed=key_seed(s.seed), warn_independent_sampling=False)
             if s.type == "gp":
                 return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
             if s.type == "cmaes":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from xclip_jax.errors import UserError
+from xclip_jax.spec import key_seed
 
 # --------------------------------------------------------------------------------------------
 # Splits
@@ -28,7 +29,7 @@ def split_train_test(image_ids, test_ratio: float = 0.2, seed: int = 42) -> tupl
     if unique.size < 2:
         raise UserError(f"the set has {unique.size} distinct image id(s); a train/test split needs at least 2")
     n_test = min(max(1, round(test_ratio * unique.size)), unique.size - 1)
-    test_ids = np.random.default_rng(seed).permutation(unique)[:n_test]
+    test_ids = np.random.default_rng(key_seed(seed)).permutation(unique)[:n_test]
     is_test = np.isin(image_ids, test_ids)
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
@@ -39,4 +40,4 @@ def tuning_subset(n_rows: int, size: int = 100_000, seed: int = 42) -> np.ndarra
         raise UserError(f"tuning subset size {size}: must be at least 1, e.g. 100000")
     if n_rows <= size:
         return np.arange(n_rows)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size=size, replace=False))
+    return np.sort(np.random.default_rng(key_seed(seed)).choice(n_rows, size=size, replace=False))

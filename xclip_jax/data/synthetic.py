@@ -9,6 +9,7 @@ import numpy as np
 
 from xclip_jax.data.sets import EmbeddingSet, from_rows
 from xclip_jax.errors import UserError
+from xclip_jax.spec import key_seed
 
 # Default noise of the generator. With it a closed-form ridge baseline (text -> image, 2,000 train
 # images, 500 held-out images x 5 captions, cosine retrieval) gets image->text R@1 of about 0.5:
@@ -95,7 +96,7 @@ def synthesize(
     if noise < 0:
         raise UserError(f"synthesize: noise {noise} must be >= 0")
     f32 = np.float32
-    maps_rng = np.random.default_rng([seed, 0])
+    maps_rng = np.random.default_rng([key_seed(seed), 0])
     if nonlinearity <= 0:
         raise UserError(f"synthesize: nonlinearity {nonlinearity} must be > 0")
     if not 0.0 <= fold <= 1.0:
@@ -107,7 +108,7 @@ def synthesize(
     c = captions_per_image
     image_rows = np.empty((n_images * c, image_dim), dtype=f32)
     text_rows = np.empty((n_images * c, text_dim), dtype=f32)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([key_seed(seed), 1])
     for start in range(0, n_images, _CHUNK_IMAGES):
         stop = min(start + _CHUNK_IMAGES, n_images)
         z = rng.standard_normal((stop - start, latent_dim), dtype=f32)
