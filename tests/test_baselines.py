@@ -350,3 +350,33 @@ def test_cli_prints_the_table_for_a_config(tmp_path, capsys):
     import json
 
     assert [r["name"] for r in json.loads((tmp_path / "b.json").read_text())][:2] == ["ridge t→i", "ridge i→t"]
+
+
+def test_the_warm_start_cache_keeps_only_the_cca_solution():
+    """A runner's cache serves the CCA solution to every later trial; the columns past the CCA
+    directions and the linear bias there stay each trial's own (its seed's), in a bundle too: what a
+    trial starts from never depends on what its runner ran before."""
+    import jax
+
+    from xclip_jax import data
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+    from xclip_jax.step import TrainSpec, create_bundle_state, create_train_state
+    from xclip_jax.train import with_head_init
+
+    train = data.synthetic_splits(n_images=200, captions_per_image=3, image_dim=12, text_dim=16, val_images=20,
+                                  test_images=10, noise=0.5, seed=3)["train"]
+    spec = TrainSpec(HeadSpec("linear", 24, init="cca"), LossSpec(), TrainingSpec(batch_size=64), 12, 16)
+    cache = {}
+    first = with_head_init(create_train_state(spec, seed=0), [spec.head], train, cache)
+    assert list(cache) == [("linear", 24)]
+    served = with_head_init(create_train_state(spec, seed=1), [spec.head], train, cache)
+    fresh = with_head_init(create_train_state(spec, seed=1), [spec.head], train)  # a new process: no cache
+    jax.tree.map(np.testing.assert_array_equal, served.params, fresh.params)
+    k = 12  # min(output 24, dims 12, 16): the columns past it are the seed's own draws
+    a, b = (np.asarray(s.params["image"]["Dense_0"]["kernel"]) for s in (first, served))
+    np.testing.assert_array_equal(a[:, :k], b[:, :k])
+    assert not np.allclose(a[:, k:], b[:, k:])
+    assert not np.allclose(first.params["text"]["Dense_0"]["bias"][k:], served.params["text"]["Dense_0"]["bias"][k:])
+    bundle = with_head_init(create_bundle_state([spec, spec], [0, 1]), [spec.head] * 2, train, cache)
+    for i, alone in enumerate((first, fresh)):
+        jax.tree.map(lambda m, x: np.testing.assert_array_equal(m[i], x), bundle.params, alone.params)

@@ -75,7 +75,7 @@ class Runner:
         self.parent = os.getppid()
         self.trials_run = 0
         self.prepared: dict[int, tuple] = {}  # trial id -> what compiling it ahead cost (another thread)
-        self.cca_cache: dict = {}  # (head type, output dim) -> init: cca params of this study's training set
+        self.cca_cache: dict = {}  # (head type, output dim) -> the CCA start of this study's training set
         spawned = float(os.environ.get("XCLIP_SPAWN_TIME", time.time()))
         self.startup_seconds = time.time() - spawned  # process start -> data on the device (first trial)
 

@@ -59,27 +59,26 @@ def train_spec(cfg, image_dim: int, text_dim: int) -> TrainSpec:
 def with_head_init(state: TrainState, heads: list, train_set, cache: dict | None = None) -> TrainState:
     """A fresh state (one trial, or a bundle's stacked states with one HeadSpec per member) with each
     member whose head says ``init: cca`` starting from the CCA solution of the training set
-    (``baselines.cca_head_params``); ``cache`` keeps solutions by (head type, output dim)."""
-    use = np.array([h.init == "cca" for h in heads])
-    if not use.any():
+    (``baselines.cca_start``), written into that member's own initial params: everything else (the
+    columns past the CCA directions, a bias there) stays the member's own random draw. ``cache``
+    keeps the solutions, which are deterministic, by (head type, output dim)."""
+    use = [h.init == "cca" for h in heads]
+    if not any(use):
         return state
-    from xclip_jax.baselines import cca_head_params
+    from xclip_jax.baselines import apply_cca_start, cca_start
 
     stacked = np.ndim(state.step) == 1
     default = jax.device_get({"image": state.params["image"], "text": state.params["text"]})
-    head = heads[0]
-    key = (head.type, head.output_dim)
-    cached = None if cache is None else cache.get(key)
-    if cached is None:
-        member = jax.tree.map(lambda x: x[0], default) if stacked else default
-        cached = cca_head_params(head.type, head.output_dim, train_set.image, train_set.text, train_set.row_image,
-                                 member)
-        if cache is not None:
-            cache[key] = cached
-    if stacked:  # each member its own choice
-        params = jax.tree.map(lambda d, c: np.where(use.reshape((-1,) + (1,) * c.ndim), c[None], d), default, cached)
-    else:
-        params = cached
+    members = [jax.tree.map(lambda x, i=i: x[i], default) for i in range(len(heads))] if stacked else [default]
+    cache = {} if cache is None else cache
+    for i, head in enumerate(heads):
+        if not use[i]:
+            continue
+        key = (head.type, head.output_dim)
+        if key not in cache:
+            cache[key] = cca_start(head.type, head.output_dim, train_set.image, train_set.text, train_set.row_image)
+        members[i] = apply_cca_start(cache[key], members[i])
+    params = jax.tree.map(lambda *m: np.stack(m), *members) if stacked else members[0]
     return state.replace(params={**state.params, **jax.device_put(params)})
 
 

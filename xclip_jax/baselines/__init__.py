@@ -27,15 +27,17 @@ from xclip_jax.baselines.fits import (
     score_baseline,
 )
 from xclip_jax.baselines.search import SUBSPACE_DIMS, best_baseline, compute_baselines, format_baselines
-from xclip_jax.baselines.warm_start import cca_head_params
+from xclip_jax.baselines.warm_start import CcaStart, apply_cca_start, cca_start
 
 __all__ = [
+    "CcaStart",
     "DEFAULT_EPS",
     "RIDGE_LAMBDAS",
     "SUBSPACE_DIMS",
     "LinearBaseline",
     "best_baseline",
-    "cca_head_params",
+    "apply_cca_start",
+    "cca_start",
     "compute_baselines",
     "fit_cca",
     "fit_procrustes",
