@@ -225,3 +225,25 @@ def test_a_worker_retired_for_memory_still_counts_while_it_runs_its_queued_job(t
         pool.poll()
         time.sleep(0.05)
     assert pool.has_room() and pool._pick_device() == 0
+
+
+def test_a_result_written_just_before_a_timeout_kill_is_recorded(tmp_path, monkeypatch):
+    """poll() saw no result, found the job over its timeout and killed the worker; a result line
+    written in between is the job's: it is recorded as done, nothing escapes poll(), and the job
+    queued behind it is lost as never started."""
+    pool = _pool(tmp_path, size=1, max_jobs=10, job_timeout=1.5)
+    pool.submit("a", {"do": "echo", "ahead": True}, tmp_path / "a.log")
+    _drain(pool, ["a"])  # its result tells the pool that this worker takes its next job ahead
+    kill = pool._kill
+
+    def late_kill(worker, *args):
+        time.sleep(1.0)  # the job (2 s) writes its result meanwhile
+        kill(worker, *args)
+
+    monkeypatch.setattr(pool, "_kill", late_kill)
+    pool.submit("b", {"do": "echo", "seconds": 2.0}, tmp_path / "b.log")
+    pool.submit("c", {"do": "echo", "seconds": 5.0}, tmp_path / "c.log")  # killed with the worker: not its fault
+    events = _drain(pool, ["b", "c"], timeout=20)
+    assert events["b"].kind == "done" and events["b"].result["value"] == "bb"
+    assert events["c"].kind == "lost" and not events["c"].started
+    assert not pool.workers

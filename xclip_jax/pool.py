@@ -30,6 +30,7 @@ from xclip_jax.errors import mask_secrets
 RESULT_FD_ENV = "XCLIP_RESULT_FD"  # the pipe a worker writes its results to (stdout and stderr go to logs)
 PARENT_ENV = "XCLIP_POOL_PID"  # the driver: a worker ends when it does
 MEMORY_ENV = "XCLIP_MEMORY_LIMIT_BYTES"  # the worker's address-space cap
+NEVER_STARTED = "its worker ended before it started"
 
 
 # ----------------------------------------------------------------------------- why a process ended
@@ -232,7 +233,11 @@ class Pool:
             if running and self.job_timeout and time.time() - running.started > self.job_timeout:
                 self._kill(worker)
                 worker.proc.wait()
-                events += self._lose_all(worker, "trial_timeout exceeded")
+                # Read first, as stop() does: a result written between the read above and the kill
+                # is the job's, and its queued job (if any) then never started.
+                events += self._read_results(worker)
+                events += self._lose_all(worker, "trial_timeout exceeded",
+                                         started=bool(worker.jobs) and worker.jobs[0] is running)
             rc = worker.proc.poll()
             if rc is None:
                 continue
@@ -242,10 +247,11 @@ class Pool:
             self._forget(worker)
         return events
 
-    def _lose_all(self, worker: Worker, reason: str) -> list[Event]:
-        """The worker is gone: its running job is lost with ``reason``, a queued one never started."""
-        events = [Event("lost", job.id, job.log_path, reason=reason if i == 0 else "its worker ended before it started",
-                        started=i == 0) for i, job in enumerate(worker.jobs)]
+    def _lose_all(self, worker: Worker, reason: str, started: bool = True) -> list[Event]:
+        """The worker is gone: its running job (when ``started``) is lost with ``reason``, a queued one
+        never started."""
+        events = [Event("lost", job.id, job.log_path, reason=reason if i == 0 and started else NEVER_STARTED,
+                        started=i == 0 and started) for i, job in enumerate(worker.jobs)]
         worker.jobs.clear()
         return events
 
