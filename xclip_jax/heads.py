@@ -60,7 +60,8 @@ def dropout(module: nn.Module, x, rate, train: bool, broadcast_dims=()):
 
 
 def _layer_norm(name=None):
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    # Two-pass statistics, as PyTorch: E[x²] − E[x]² cancels catastrophically on rows far from zero.
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
 def _gelu(x):
