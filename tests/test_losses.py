@@ -153,3 +153,48 @@ def test_temperature_clamp():
     assert float(losses.temperature_from_log_scale(losses.clamp_log_scale(jnp.asarray(20.0)))) == pytest.approx(
         0.01, rel=1e-6)
     assert float(losses.clamp_log_scale(jnp.asarray(2.0))) == 2.0
+
+
+def _queue_case(seed=4, b=16, d=32, q=24):
+    zi, zt, ids = _batch(seed, b=b, d=d, n_images=6)
+    queue = losses.enqueue(losses.init_queue(q, d), jnp.asarray(_unit(np.random.default_rng(seed + 1), 20, d)),
+                           jnp.arange(100, 120))
+    return jnp.asarray(zi, jnp.float32), jnp.asarray(zt, jnp.float32), jnp.asarray(ids), queue
+
+
+def _rows_from_one_logits(zi, zt, ids, queue, tau, logits_fn):
+    """mean(lse_rows − diag(logits)) from one computed logits matrix per block, masked as SPEC §3."""
+    neg = jnp.finfo(jnp.float32).min
+    bb, bq = logits_fn(zi, zt, tau), logits_fn(zi, queue.emb_QxD, tau)
+    same = (ids[:, None] == ids[None, :]) & ~jnp.eye(len(ids), dtype=bool)
+    bq = jnp.where((queue.ids_Q[None, :] == ids[:, None]) | ~queue.valid_Q[None, :], neg, bq)
+    lse = jax.nn.logsumexp(jnp.concatenate([jnp.where(same, neg, bb), bq], axis=1), axis=1)
+    return lse - jnp.diagonal(bb)
+
+
+def test_queue_loss_takes_its_positive_from_the_logits_it_normalises(monkeypatch):
+    """The queue loss's positive term is the diagonal of the very logits its log-sum-exp sees. A matmul
+    that rounds (TF32 on a GPU; here its stand-in, logits rounded to bfloat16) made a separate
+    elementwise positive differ by ~1e-3/τ, and a row's loss could go negative."""
+    tau = 0.01
+
+    def rounding_logits(a, b, temperature):
+        return (jnp.matmul(a, b.T).astype(jnp.bfloat16).astype(jnp.float32)) / temperature
+
+    monkeypatch.setattr(losses, "_logits", rounding_logits)
+    zi, zt, ids, queue = _queue_case()
+    loss, _ = losses.queue_infonce(zi, zt, ids, queue, temperature=tau)
+    rows = _rows_from_one_logits(zi, zt, ids, queue, tau, rounding_logits)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(rows)), rtol=1e-6)
+    assert float(jnp.min(rows)) >= 0.0
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="TF32 matmuls exist on a GPU only")
+def test_queue_loss_under_tf32_matmuls():
+    """The same on a GPU at JAX's default float32 matmul precision (TF32 on recent NVIDIA cards)."""
+    zi, zt, ids, queue = _queue_case()
+    with jax.default_matmul_precision("tensorfloat32"):
+        loss, _ = losses.queue_infonce(zi, zt, ids, queue, temperature=0.01)
+        rows = _rows_from_one_logits(zi, zt, ids, queue, 0.01, losses._logits)
+    np.testing.assert_allclose(float(loss), float(jnp.mean(rows)), rtol=1e-5)
+    assert float(jnp.min(rows)) >= 0.0

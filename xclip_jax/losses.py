@@ -125,16 +125,18 @@ def queue_infonce(zi, zt, ids, queue: QueueState, *, temperature, mask_batch_dup
     """
     neg_inf = jnp.finfo(jnp.float32).min
     logits_BxB = _logits(zi, zt, temperature)
+    # The target is the pair's own text: the batch block's diagonal (never masked), taken from the very
+    # logits the log-sum-exp sees. A separate elementwise product would differ from a matmul that
+    # rounds (TF32 on GPUs) by ~1e-3/τ, and a row's loss could go negative.
+    own_B = jnp.diagonal(logits_BxB)
     if mask_batch_duplicates:
         same_BxB = (ids[:, None] == ids[None, :]) & ~jnp.eye(ids.shape[0], dtype=bool)
         logits_BxB = jnp.where(same_BxB, neg_inf, logits_BxB)
     logits_BxQ = _logits(zi, queue.emb_QxD, temperature)
     drop_BxQ = (queue.ids_Q[None, :] == ids[:, None]) | ~queue.valid_Q[None, :]
     logits_BxQ = jnp.where(drop_BxQ, neg_inf, logits_BxQ)
-    # log-sum-exp over [batch | queue] without concatenating the two blocks; the target is the pair's
-    # own text (the batch block's diagonal, never masked), computed as a row-wise dot product.
+    # log-sum-exp over [batch | queue] without concatenating the two blocks
     lse_B = jnp.logaddexp(jax.nn.logsumexp(logits_BxB, axis=1), jax.nn.logsumexp(logits_BxQ, axis=1))
-    own_B = jnp.sum(zi.astype(jnp.float32) * zt.astype(jnp.float32), axis=1) / temperature
     loss = jnp.mean(lse_B - own_B)
     return loss, enqueue(queue, zt, ids)
 
