@@ -329,3 +329,24 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
         assert bundled[i].best_epoch == alone.best_epoch or abs(bundled[i].best_r1 - alone.best_r1) < 0.02
         jax.tree.map(lambda b, a: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4), bundled[i].best_params,
                      jax.device_get(alone.best_params))
+
+
+def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself(monkeypatch):
+    """Only a non-finite loss or non-finite outputs are divergence ("lower learning_rate"); any other
+    error in the evaluation goes up unchanged, so a trial's fail_reason says what it was."""
+    from xclip_jax import step
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+    from xclip_jax.step import TrainSpec, TrainingDiverged, create_train_state
+
+    sets = data.synthetic_splits(n_images=100, captions_per_image=2, image_dim=8, text_dim=12, val_images=20,
+                                 test_images=10, seed=0)
+
+    def broken(*args, **kwargs):
+        raise ValueError("top_k 60 is more than the 20 images")
+
+    monkeypatch.setattr(step, "summarise", broken)
+    spec = TrainSpec(HeadSpec("linear", 8), LossSpec(), TrainingSpec(batch_size=32), 8, 12)
+    with pytest.raises(ValueError, match="top_k 60") as e:
+        fit.fit(create_train_state(spec, seed=0), to_device(sets["train"]), to_device(sets["val"]), num_epochs=1,
+                patience=1, progress=False)
+    assert not isinstance(e.value, TrainingDiverged)

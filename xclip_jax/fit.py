@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from xclip_jax.programs import Programs
-from xclip_jax.step import TrainingDiverged, TrainState, run_bundle_eval, run_eval
+from xclip_jax.step import NotFinite, TrainingDiverged, TrainState, run_bundle_eval, run_eval
 
 # A hook runs after each epoch: hook(record, fit_state, train_state) -> a reason to stop, or None.
 # `record` is the epoch's entry of the history (a hook may add to it); `fit_state` already counts it.
@@ -85,7 +85,7 @@ class _Single:
     def evaluate(self, ks) -> list[dict | None]:
         try:
             return [run_eval(self.eval_fn, self.state.params, self.val_data, ks)]
-        except ValueError:
+        except NotFinite:  # diverged params; any other error is the trial's own and goes up as itself
             return [None]
 
     def keep_best(self, improved: list[bool]) -> None:

@@ -30,6 +30,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class NotFinite(ValueError):
+    """The heads' outputs on the validation set were NaN or infinite: their params diverged. Only this
+    (or a non-finite loss) is divergence; any other error in an evaluation is itself."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
     """A run's three config sections and the input dims. Built in one line from a config:
@@ -392,11 +397,11 @@ def run_eval(eval_fn, params, data: DeviceData, ks=(1, 5, 10, 50)) -> dict:
     """The metrics dict of a compiled evaluation program (see ``Programs.eval_fn``).
 
     Raises:
-      ValueError: the heads' outputs were not finite (diverged params).
+      NotFinite: the heads' outputs were not finite (diverged params).
     """
     i2t, t2i, images_ok, texts_ok = jax.device_get(eval_fn(params, data))
     if not (images_ok and texts_ok):
-        raise ValueError("the heads' outputs are not finite (NaN or Inf params)")
+        raise NotFinite("the heads' outputs are not finite (NaN or Inf params)")
     return summarise(i2t, t2i, ks)
 
 
@@ -413,6 +418,6 @@ def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50), chunk
     in one compiled program per shape.
 
     Raises:
-      ValueError: the heads' outputs were not finite (diverged params).
+      NotFinite: the heads' outputs were not finite (diverged params).
     """
     return run_eval(functools.partial(_eval_program, spec.heads_only(), chunk_size=chunk_size), params, data, ks)
