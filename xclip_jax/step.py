@@ -29,6 +29,11 @@ from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, key_seed, static
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
+    @classmethod
+    def at(cls, stopped: str) -> TrainingDiverged:
+        """The error of a fit that ended ``stopped`` = "diverged at epoch N"."""
+        return cls(f"training loss is not finite ({stopped}; lower learning_rate or temperature)")
+
 
 class NotFinite(ValueError):
     """The heads' outputs on the validation set were NaN or infinite: their params diverged. Only this

@@ -191,6 +191,8 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     hooks = (validation_loss(val_data), save_best(save), save_for_resume(resume_dir, config))
     state, fs = fit(state, train_data, val_data, fit_state, num_epochs=cfg.training.num_epochs,
                     patience=cfg.training.patience, hooks=hooks, ks=tuple(cfg.evaluation.top_k), progress=progress)
+    if fs.stopped.startswith("diverged"):  # the best epoch before it, if any, is saved in checkpoint/
+        raise TrainingDiverged.at(fs.stopped)
     (out_dir / "training_history.json").write_text(json.dumps(fs.history, indent=2))
     summary = {"best_epoch": fs.best_epoch, "best_val_r1": fs.best_r1, "stopped": fs.stopped,
                "epochs": len(fs.history), "compile_seconds": fs.compile_seconds, "train_seconds": fs.train_seconds()}
