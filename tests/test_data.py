@@ -555,3 +555,20 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert result.returncode == 2
     assert "train_image_embeddings" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_check_refuses_a_stale_npy_where_no_file_is_named(tmp_path, capsys):
+    """`data check DIR NAME` names no file: the same rule as a named one. A .npy older than the .pt or
+    .safetensors of the same name (here re-encoded with a NaN row) is refused, not checked as OK."""
+    from tests.conftest import run_cli
+
+    image_rows, text_rows, ids = _rows()
+    data.write_embedding_set(tmp_path, "train", image_rows, text_rows, ids)
+    fresh = text_rows.astype(np.float32).copy()
+    fresh[3] = np.nan
+    save_file({"embeddings": fresh}, tmp_path / "train_text_embeddings.safetensors")
+    npy = tmp_path / "train_text_embeddings.npy"
+    os.utime(npy, (npy.stat().st_mtime - 60,) * 2)
+    err = run_cli(data.main, ["check", str(tmp_path), "train"], capsys)
+    assert "train_text_embeddings.safetensors is newer than its converted train_text_embeddings.npy" in err
+    assert "python -m xclip_jax.data convert" in err

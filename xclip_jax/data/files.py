@@ -40,18 +40,14 @@ MAKE_IT = ("check the data folder and set name, or create the set with "
 
 
 def find_file(data_dir, stem: str, fix: str = MAKE_IT) -> Path:
-    """Return ``data_dir/stem`` plus the first of .npy, .safetensors, .pt that exists.
+    """The file that set name ``stem`` reads in ``data_dir`` when no extension is named: by the one
+    rule of :func:`resolve_file` (the ``.npy`` first, refused when a source beside it is newer).
 
     Raises:
-      UserError: none of them exists (the message lists what was looked for, then ``fix``).
+      UserError: none of .npy, .safetensors, .pt exists (the message lists what was looked for, then
+        ``fix``), or the ``.npy`` is older than a source of the same name.
     """
-    data_dir = Path(data_dir)
-    for ext in EXTENSIONS:
-        candidate = data_dir / f"{stem}{ext}"
-        if candidate.is_file():
-            return candidate
-    where = f"in {data_dir}" if data_dir.is_dir() else f"and the folder {data_dir} does not exist"
-    raise UserError(f"{data_dir / stem}.*: not found (looked for {', '.join(EXTENSIONS)} {where}); {fix}")
+    return resolve_file(Path(data_dir) / stem, fix)
 
 
 def resolve_file(path, fix: str = MAKE_IT) -> Path:
@@ -59,20 +55,30 @@ def resolve_file(path, fix: str = MAKE_IT) -> Path:
 
     The converted ``.npy`` beside the named file wins (memory-mapped, no torch needed), so a config
     written for the original's ``.pt`` files reads what ``convert`` or ``split`` wrote; otherwise
-    the named file; otherwise any supported extension of the same name. A named file newer than
-    its ``.npy`` is refused (the ``.npy`` is stale: re-encoded embeddings would be silently ignored).
+    the named file; otherwise any supported extension of the same name. A ``.npy`` older than the
+    named file (or, where no extension is named, than any source of the same name) is refused: it is
+    stale, and re-encoded embeddings would be silently ignored.
     """
     path = Path(path)
-    stem = path.name[: -len(path.suffix)] if path.suffix in EXTENSIONS else path.name
+    named = path.suffix in EXTENSIONS
+    stem = path.name[: -len(path.suffix)] if named else path.name
     npy = path.with_name(stem + ".npy")
+    sources = [path] if named else [path.with_name(stem + ext) for ext in EXTENSIONS]
     if npy.is_file():
-        if path != npy and path.is_file() and path.stat().st_mtime > npy.stat().st_mtime:
-            raise UserError(f"{path} is newer than its converted {npy.name}, which would be read in its place; "
-                            f"convert it again (python -m xclip_jax.data convert {path.parent}) or remove {npy}")
+        for source in sources:
+            if source != npy and source.is_file() and source.stat().st_mtime > npy.stat().st_mtime:
+                raise UserError(f"{source} is newer than its converted {npy.name}, which would be read in its "
+                                f"place; convert it again (python -m xclip_jax.data convert {source.parent}) or "
+                                f"remove {npy}")
         return npy
-    if path.is_file():
+    if named and path.is_file():
         return path
-    return find_file(path.parent, stem, fix)
+    for candidate in (path.with_name(stem + ext) for ext in EXTENSIONS):
+        if candidate.is_file():
+            return candidate
+    data_dir = path.parent
+    where = f"in {data_dir}" if data_dir.is_dir() else f"and the folder {data_dir} does not exist"
+    raise UserError(f"{data_dir / stem}.*: not found (looked for {', '.join(EXTENSIONS)} {where}); {fix}")
 
 
 def read_array(path) -> np.ndarray:
