@@ -306,3 +306,28 @@ def test_the_progress_bar_counts_a_trial_queued_for_compiling_apart():
     assert driver.compiling_ahead() == 2
     driver.pool.workers[0].jobs.pop()
     assert driver.compiling_ahead() == 0
+
+
+def test_a_second_interrupt_loses_no_configuration(tmp_path):
+    """Ctrl-C, resume, Ctrl-C again while a re-queued trial runs, resume: every interrupted trial's
+    parameters are queued (however many times), none counts toward n_trials, and the study ends with
+    n_trials COMPLETE or PRUNED trials, every interrupted configuration among them."""
+    cfg_path = write(tmp_path, n_trials=3, max_epochs=3)
+    runs = []
+    for wanted in (lambda t: True, lambda t: "failed_trial" in t.system_attrs):  # the second: a retry runs
+        proc = driver(tmp_path, cfg_path)
+        wait_for(lambda: [t for t in running_with_pid(tmp_path) or [] if wanted(t)], what="a trial to interrupt")
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out
+        assert f"to resume, run the same command: python -m xclip_jax.tune {cfg_path}" in out
+        runs.append(out)
+    again = tune_run(tmp_path, cfg_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    trials = load(tmp_path).get_trials()
+    interrupted = [t for t in trials if t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]]
+    assert any("failed_trial" in t.system_attrs for t in interrupted)  # a retry was interrupted too
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 3 and st.counts(load(tmp_path))["finished"] == 3
+    ran = [t.params for t in done]
+    assert all(t.params in ran for t in interrupted), "an interrupted configuration never ran"

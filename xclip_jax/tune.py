@@ -203,8 +203,9 @@ class Driver:
             reason = event.reason if cause in event.reason else f"{cause} ({event.reason})"
             st.fail_trial(self.study, self.storage, tid, reason, retry="always")
             self._halt_for_disk(number, reason)
-        elif event.reason == "interrupted":
-            st.fail_trial(self.study, self.storage, tid, "interrupted (Ctrl-C); its parameters run again on resume")
+        elif event.reason == "interrupted":  # never the parameters' fault, however often it happens
+            st.fail_trial(self.study, self.storage, tid, "interrupted (Ctrl-C); its parameters run again on resume",
+                          retry="always")
         else:
             st.fail_trial(self.study, self.storage, tid, event.reason, retry="never")
 
@@ -401,7 +402,13 @@ def main(argv=None):
     line = next_step(cfg, config_path, result)
     if line:
         print(line)
-    return 130 if result["interrupted"] else 0
+    if result["interrupted"]:
+        import shlex
+
+        print(f"interrupted: to resume, run the same command: python -m xclip_jax.tune "
+              f"{shlex.join(sys.argv[1:] if argv is None else argv)}")
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
