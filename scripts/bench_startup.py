@@ -23,7 +23,7 @@ t_spawn = float(os.environ["XCLIP_BENCH_SPAWN"])
 t_py = time.time()
 import jax
 import jax.numpy as jnp
-from xclip_jax.step import TrainSpec, create_train_state, run_epoch, to_device
+from xclip_jax.step import RunSpec, create_train_state, run_epoch, to_device
 from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
 from xclip_jax import data
 t_import = time.time()
@@ -32,7 +32,7 @@ sets = data.synthetic_splits(n_images=3000, captions_per_image=5, image_dim=256,
 train = to_device(sets["train"])
 jax.block_until_ready(train)
 t_data = time.time()
-spec = TrainSpec(HeadSpec("clip", output_dim=128, hidden_dim=256, dropout=0.1), LossSpec("softmax_infonce", 0.07),
+spec = RunSpec(HeadSpec("clip", output_dim=128, hidden_dim=256, dropout=0.1), LossSpec("softmax_infonce", 0.07),
                  TrainingSpec(batch_size=512, learning_rate=1e-3, weight_decay=1e-4), 256, 384)
 state = create_train_state(spec, seed=0)
 jax.block_until_ready(state)

@@ -84,7 +84,7 @@ def analytic_matmul_flops(head: str, loss: str, batch: int, image_dim: int, text
 
 def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: int, combos=COMBOS) -> list[dict]:
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, create_train_state, run_epoch, train_step
+    from xclip_jax.step import RunSpec, create_train_state, run_epoch, train_step
 
     dtype = args.dtype
     rows = data_dev.rows
@@ -92,7 +92,7 @@ def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: i
     for batch in args.batches:
         for head, loss in combos:
             name = f"{head}+{loss}"
-            spec = TrainSpec(HeadSpec(head, output_dim=args.output_dim, hidden_dim=args.hidden_dim,
+            spec = RunSpec(HeadSpec(head, output_dim=args.output_dim, hidden_dim=args.hidden_dim,
                                       dropout=args.dropout, num_heads=8, num_layers=1),
                              LossSpec(loss, temperature=0.07, queue_size=4096),
                              TrainingSpec(batch_size=batch, learning_rate=1e-3, weight_decay=1e-4, dtype=dtype),

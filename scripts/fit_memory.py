@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from xclip_jax import data
     from xclip_jax.fit import fit
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, create_train_state, to_device
+    from xclip_jax.step import RunSpec, create_train_state, to_device
 
     sets = data.synthetic_splits(n_images=400, captions_per_image=5, image_dim=32, text_dim=48, val_images=100,
                                  test_images=10, seed=0)
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     rows = []
     start = time.perf_counter()
     for i in range(args.fits):
-        spec = TrainSpec(HeadSpec("mlp", 8 + i, 64), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
+        spec = RunSpec(HeadSpec("mlp", 8 + i, 64), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
         fit(create_train_state(spec, seed=i), train, val, num_epochs=1, patience=1, progress=False)
         gc.collect()
         rows.append({"fit": i + 1, "rss_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - start, 1)})

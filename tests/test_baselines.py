@@ -314,8 +314,12 @@ def test_a_linear_head_started_from_cca_ranks_as_the_cca_baseline():
 
     from xclip_jax import data
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, create_train_state, evaluate, project, to_device
-    from xclip_jax.train import with_head_init
+    from xclip_jax.baselines import with_head_init
+    from xclip_jax.metrics import retrieval_metrics_indexed
+    from xclip_jax.step import RunSpec, create_train_state, project, to_device
+
+    def evaluate(params, spec, data, ks):
+        return retrieval_metrics_indexed(*project(params, spec, data), data.row_image_R, ks=ks)
 
     sets = data.synthetic_splits(n_images=300, captions_per_image=3, image_dim=12, text_dim=16, val_images=80,
                                  test_images=10, noise=0.5, seed=3)
@@ -323,7 +327,7 @@ def test_a_linear_head_started_from_cca_ranks_as_the_cca_baseline():
     cca = baselines.fit_cca(train.image, train.text, train.row_image, k=8)
     want = baselines.score_baseline(cca, val.image, val.text, val.row_image, ks=(1, 5, 10))
     for head in ("linear", "siglip"):
-        spec = TrainSpec(HeadSpec(head, 8, init="cca"), LossSpec(), TrainingSpec(batch_size=64), 12, 16)
+        spec = RunSpec(HeadSpec(head, 8, init="cca"), LossSpec(), TrainingSpec(batch_size=64), 12, 16)
         fresh = create_train_state(spec, seed=0)
         started = with_head_init(fresh, [spec.head], train)
         got = evaluate(started.params, spec, to_device(val), ks=(1, 5, 10))
@@ -360,12 +364,13 @@ def test_the_warm_start_cache_keeps_only_the_cca_solution():
 
     from xclip_jax import data
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, create_bundle_state, create_train_state
-    from xclip_jax.train import with_head_init
+    from xclip_jax.baselines import with_head_init
+    from xclip_jax.programs import Programs
+    from xclip_jax.step import RunSpec, bundle_args, create_train_state
 
     train = data.synthetic_splits(n_images=200, captions_per_image=3, image_dim=12, text_dim=16, val_images=20,
                                   test_images=10, noise=0.5, seed=3)["train"]
-    spec = TrainSpec(HeadSpec("linear", 24, init="cca"), LossSpec(), TrainingSpec(batch_size=64), 12, 16)
+    spec = RunSpec(HeadSpec("linear", 24, init="cca"), LossSpec(), TrainingSpec(batch_size=64), 12, 16)
     cache = {}
     first = with_head_init(create_train_state(spec, seed=0), [spec.head], train, cache)
     assert list(cache) == [("linear", 24)]
@@ -377,6 +382,8 @@ def test_the_warm_start_cache_keeps_only_the_cca_solution():
     np.testing.assert_array_equal(a[:, :k], b[:, :k])
     assert not np.allclose(a[:, k:], b[:, k:])
     assert not np.allclose(first.params["text"]["Dense_0"]["bias"][k:], served.params["text"]["Dense_0"]["bias"][k:])
-    bundle = with_head_init(create_bundle_state([spec, spec], [0, 1]), [spec.head] * 2, train, cache)
+    bundle = Programs().bundle_init_fn(spec, 2)(*bundle_args([spec, spec], [0, 1])[1:])
+    bundle = with_head_init(bundle, [spec.head] * 2, train, cache)
     for i, alone in enumerate((first, fresh)):
-        jax.tree.map(lambda m, x: np.testing.assert_array_equal(m[i], x), bundle.params, alone.params)
+        # the runner's init program is compiled with fewer optimisations: the same draws, to the last bit or two
+        jax.tree.map(lambda m, x: np.testing.assert_allclose(m[i], x, rtol=1e-6, atol=1e-7), bundle.params, alone.params)

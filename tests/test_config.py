@@ -191,7 +191,7 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
 
     from xclip_jax import data, train
     from xclip_jax.spec import DATA_FIELDS
-    from xclip_jax.step import create_train_state, run_epoch, to_device
+    from xclip_jax.step import RunSpec, create_train_state, run_epoch, to_device
 
     value, base = FIELD_CASES[(section, key)]
 
@@ -212,12 +212,12 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
     d = to_device(data.synthetic_splits(40, 2, 8, 12, val_images=8, test_images=4)["train"])
     kind = type(getattr(cfg, section)).__name__
     if key not in DATA_FIELDS[kind]:  # traced, not run: abstract states are enough
-        states = [jax.eval_shape(lambda c=c: create_train_state(train.train_spec(c, 8, 12), seed=0))
+        states = [jax.eval_shape(lambda c=c: create_train_state(RunSpec.of(c, 8, 12), seed=0))
                   for c in (default_cfg, cfg)]
         hlo = [run_epoch.lower(s, d).as_text() for s in states]
         assert hlo[0] != hlo[1], f"{section}.{key} does not change the compiled program"
         return
-    states = [create_train_state(train.train_spec(c, 8, 12), seed=0) for c in (default_cfg, cfg)]
+    states = [create_train_state(RunSpec.of(c, 8, 12), seed=0) for c in (default_cfg, cfg)]
     assert states[0].spec == states[1].spec  # data fields share the program...
     if key in ("num_epochs", "patience"):  # ...and these steer the fit loop
         seen = {}

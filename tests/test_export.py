@@ -19,7 +19,7 @@ from scipy.special import erf
 from tests.conftest import run_cli
 from xclip_jax import checkpoint, export
 from xclip_jax.config import TrainConfig, build, to_dict
-from xclip_jax.step import TrainSpec, create_train_state
+from xclip_jax.step import RunSpec, create_train_state
 
 # name: (model section, image dim, text dim). Tiny dims but one 1024-dim input with 8 attention heads.
 CASES = {
@@ -43,7 +43,7 @@ def _make_checkpoint(folder, model, image_dim, text_dim):
     start at 1 and 0, attention biases at 0: a swapped or dropped tensor must show)."""
     cfg = build(TrainConfig, {"data": {"synthetic": {}}, "model": {"output_dim": 8, "dropout": 0.2, **model},
                               "loss": {"type": "sigmoid_infonce", "learnable_temp": True}})
-    params = create_train_state(TrainSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim), seed=0).params
+    params = create_train_state(RunSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim), seed=0).params
     leaves, tree = jax.tree.flatten(params)
     rng = np.random.default_rng(1)
     params = jax.tree.unflatten(tree, [np.asarray(x) + rng.normal(0, 0.1, np.shape(x)).astype(np.float32)

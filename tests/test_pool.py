@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""\
         with open(job["log"] + ".prepared", "w") as fh:  # what a runner does for its next job meanwhile
             fh.write(str(os.getpid()))
 
-    serve(run, prepare)
+    serve(lambda: (run, prepare))
 """)
 
 

@@ -62,21 +62,21 @@ def test_programs_are_keyed_on_what_they_use():
     import jax.numpy as jnp
 
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import DeviceData, TrainSpec, create_train_state
+    from xclip_jax.step import DeviceData, RunSpec, create_train_state
 
     data = DeviceData(jnp.ones((6, 8)), jnp.ones((12, 12)), jnp.repeat(jnp.arange(6), 2))
     programs = Programs()
-    a = TrainSpec(HeadSpec("clip", 8, 16), LossSpec("softmax_infonce"), TrainingSpec(batch_size=4), 8, 12)
-    b = TrainSpec(HeadSpec("clip", 8, 16), LossSpec("queue_infonce", queue_size=8),
+    a = RunSpec(HeadSpec("clip", 8, 16), LossSpec("softmax_infonce"), TrainingSpec(batch_size=4), 8, 12)
+    b = RunSpec(HeadSpec("clip", 8, 16), LossSpec("queue_infonce", queue_size=8),
                   TrainingSpec(batch_size=2, learning_rate=0.5, max_grad_norm=3.0), 8, 12)
     params = create_train_state(a, 0).params
     before = programs.counters()[0]
     assert programs.eval_fn(a, params, data) is programs.eval_fn(b, params, data)
     assert programs.counters()[0] == before + 1
-    attention = [TrainSpec(HeadSpec("attention", 8, hidden, num_heads=2), LossSpec(), TrainingSpec(batch_size=4), 8, 12)
+    attention = [RunSpec(HeadSpec("attention", 8, hidden, num_heads=2), LossSpec(), TrainingSpec(batch_size=4), 8, 12)
                  for hidden in (16, 64)]
     assert attention[0].static() == attention[1].static()
-    softmax = [TrainSpec(HeadSpec("clip", 8), LossSpec(queue_size=q), TrainingSpec(batch_size=4), 8, 12) for q in (8, 16)]
+    softmax = [RunSpec(HeadSpec("clip", 8), LossSpec(queue_size=q), TrainingSpec(batch_size=4), 8, 12) for q in (8, 16)]
     assert softmax[0].static() == softmax[1].static()
     state = jax.eval_shape(lambda: create_train_state(attention[0], 0))
     assert programs.epoch_fn(state, data) is programs.epoch_fn(jax.eval_shape(

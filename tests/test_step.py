@@ -12,11 +12,12 @@ import pytest
 from xclip_jax import data, train_step
 from xclip_jax.fit import fit
 from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+from xclip_jax.metrics import retrieval_metrics_indexed
 from xclip_jax.step import (
-    TrainSpec,
+    RunSpec,
     create_train_state,
-    evaluate,
     make_optimizer,
+    project,
     run_epoch,
     to_device,
 )
@@ -32,7 +33,7 @@ def sets():
 
 def _spec(head="clip", loss="softmax_infonce", batch=256, epochs=4, dropout=0.0, temperature=0.05, lr=2e-3, wd=1e-4,
           **loss_kw):
-    return TrainSpec(HeadSpec(head, 32, 64, dropout, 4, 1),
+    return RunSpec(HeadSpec(head, 32, 64, dropout, 4, 1),
                      LossSpec(loss, temperature, queue_size=256, **loss_kw),
                      TrainingSpec(batch_size=batch, learning_rate=lr, weight_decay=wd, num_epochs=epochs, patience=epochs),
                      DI, DT)
@@ -94,7 +95,7 @@ def test_frozen_loss_params_never_move(sets):
 def test_optimizer_clips_global_norm():
     """Adam's first step normalises any gradient, so check the clip where it shows: Adam's second
     moment after one step is (1 - b2) * g**2 of the *clipped* gradient."""
-    spec = TrainSpec(HeadSpec("siglip", 4), LossSpec(), TrainingSpec(max_grad_norm=0.5), 3, 3)
+    spec = RunSpec(HeadSpec("siglip", 4), LossSpec(), TrainingSpec(max_grad_norm=0.5), 3, 3)
     params = {"image": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)},
               "loss": {"log_scale": jnp.zeros(()), "bias": jnp.zeros(())}}
     tx = make_optimizer(spec, learning_rate=1.0, weight_decay=0.0)
@@ -234,7 +235,8 @@ def test_an_epoch_makes_no_host_transfer(sets):
 def test_every_head_and_loss_learns(sets, head, loss):
     train_d, val_d = to_device(sets["train"]), to_device(sets["val"])
     chance = 1.0 / sets["val"].n_images
-    before = evaluate(_state(head, loss).params, _state(head, loss).spec, val_d)["r1"]
+    state = _state(head, loss)
+    before = retrieval_metrics_indexed(*project(state.params, state.spec, val_d), val_d.row_image_R)["r1"]
     _, fs = fit(_state(head, loss), train_d, val_d, num_epochs=4, patience=4, progress=False)
     assert fs.best_r1 > max(20 * chance, 3 * before), (head, loss, before, fs.best_r1)
 
@@ -247,7 +249,7 @@ def test_sigmoid_bias_learns_where_the_original_collapses():
     chance = 1.0 / sets["val"].n_images
     r1 = {}
     for bias in (True, False):
-        spec = TrainSpec(HeadSpec("siglip", 32), LossSpec("sigmoid_infonce", 0.05, learnable_bias=bias),
+        spec = RunSpec(HeadSpec("siglip", 32), LossSpec("sigmoid_infonce", 0.05, learnable_bias=bias),
                          TrainingSpec(batch_size=1024, learning_rate=3e-3, num_epochs=5, patience=5), DI, DT)
         r1[bias] = fit(create_train_state(spec, seed=0), train_d, val_d, num_epochs=5, patience=5,
                        progress=False)[1].best_r1
@@ -261,18 +263,21 @@ def test_sigmoid_bias_learns_where_the_original_collapses():
 def test_a_bundle_epoch_is_each_member_alone(sets, head, loss):
     """Three members of one shape in one vmapped epoch: each ends where its own run_epoch ends (its
     own shuffle, dropout, optimizer state, queue); a member marked inactive does not move."""
-    from xclip_jax.step import create_bundle_state, run_bundle_epoch
+    from xclip_jax.programs import Programs
+    from xclip_jax.step import bundle_args, run_bundle_epoch
 
     d = to_device(sets["train"])
     specs = [_spec(head, loss, dropout=0.1, lr=lr, temperature=t) for lr, t in ((2e-3, 0.05), (5e-3, 0.1), (1e-3, 0.07))]
-    bundle = create_bundle_state(specs, [0, 1, 2])
+    bundle = Programs().bundle_init_fn(specs[0], 3)(*bundle_args(specs, [0, 1, 2])[1:])
     bundle, metrics = run_bundle_epoch(bundle, d, np.array([True, False, True]))
     for i in (0, 2):
         alone, m = run_epoch(create_train_state(specs[i], seed=i), d)
         np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=2e-5)
         jax.tree.map(lambda b, a: np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-6), bundle.params, alone.params)
     frozen = create_train_state(specs[1], seed=1)
-    jax.tree.map(lambda b, a: np.testing.assert_array_equal(b[1], a), bundle.params, frozen.params)
+    # untouched: its initial params (the bundle's init program is compiled with fewer optimisations, the
+    # same draws to the last bit or two)
+    jax.tree.map(lambda b, a: np.testing.assert_allclose(b[1], a, rtol=1e-6, atol=1e-7), bundle.params, frozen.params)
     assert int(bundle.step[1]) == 0 and int(bundle.step[0]) == d.rows // 256
 
 

@@ -15,7 +15,7 @@ from xclip_jax import checkpoint, data, fit, train
 from xclip_jax.config import load_train_config
 from xclip_jax.evaluate import evaluate_checkpoint
 from xclip_jax.metrics import retrieval_metrics_indexed
-from xclip_jax.step import encode, to_device
+from xclip_jax.step import RunSpec, encode, to_device
 
 CONFIG = textwrap.dedent("""\
     experiment_name: tiny
@@ -143,7 +143,7 @@ def test_restore_in_a_fresh_process_matches_in_process_heads(trained, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
     params, meta = checkpoint.load_raw(run / "checkpoint")
     cfg = load_train_config(cfg_path)
-    spec = train.train_spec(cfg, 24, 40)
+    spec = RunSpec.of(cfg, 24, 40)
     zi = encode(spec, "image", jax.device_put(params["image"]), x_img)
     zt = encode(spec, "text", jax.device_put(params["text"]), x_txt)
     np.testing.assert_allclose(np.load(tmp_path / "zi.npy"), zi, atol=1e-6)
@@ -302,19 +302,20 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
     diverged while the others go on."""
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, create_bundle_state, create_train_state
+    from xclip_jax.programs import Programs
+    from xclip_jax.step import RunSpec, bundle_args, create_train_state
 
     sets = data.synthetic_splits(n_images=400, captions_per_image=5, image_dim=24, text_dim=40, val_images=80,
                                  test_images=10, noise=0.5, seed=0)
     train_d, val_d = to_device(sets["train"]), to_device(sets["val"])
 
     def spec(lr, temperature, dropout):
-        return TrainSpec(HeadSpec(head, 16, 32, dropout, 4, 1), LossSpec(loss, temperature, queue_size=256),
+        return RunSpec(HeadSpec(head, 16, 32, dropout, 4, 1), LossSpec(loss, temperature, queue_size=256),
                          TrainingSpec(batch_size=128, learning_rate=lr), 24, 40)
 
     specs = [spec(3e-3, 0.05, 0.1), spec(1e-2, 0.1, 0.0), spec(1e38, 0.07, 0.2), spec(1e-3, 0.2, 0.3)]
     hooks = [(), (_prune_at(1),), (), ()]
-    _, bundled = fit.fit_bundle(create_bundle_state(specs, [0, 1, 2, 3]), train_d, val_d, num_epochs=3, patience=3,
+    _, bundled = fit.fit_bundle(Programs().bundle_init_fn(specs[0], 4)(*bundle_args(specs, [0, 1, 2, 3])[1:]), train_d, val_d, num_epochs=3, patience=3,
                                   hooks=hooks, ks=(1, 5))
     assert bundled[1].stopped == "pruned" and [h["epoch"] for h in bundled[1].history] == [0, 1]
     assert bundled[2].stopped.startswith("diverged") and not bundled[2].history
@@ -336,7 +337,7 @@ def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself
     error in the evaluation goes up unchanged, so a trial's fail_reason says what it was."""
     from xclip_jax import step
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import TrainSpec, TrainingDiverged, create_train_state
+    from xclip_jax.step import RunSpec, TrainingDiverged, create_train_state
 
     sets = data.synthetic_splits(n_images=100, captions_per_image=2, image_dim=8, text_dim=12, val_images=20,
                                  test_images=10, seed=0)
@@ -345,7 +346,7 @@ def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself
         raise ValueError("top_k 60 is more than the 20 images")
 
     monkeypatch.setattr(step, "summarise", broken)
-    spec = TrainSpec(HeadSpec("linear", 8), LossSpec(), TrainingSpec(batch_size=32), 8, 12)
+    spec = RunSpec(HeadSpec("linear", 8), LossSpec(), TrainingSpec(batch_size=32), 8, 12)
     with pytest.raises(ValueError, match="top_k 60") as e:
         fit.fit(create_train_state(spec, seed=0), to_device(sets["train"]), to_device(sets["val"]), num_epochs=1,
                 patience=1, progress=False)

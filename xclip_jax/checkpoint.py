@@ -48,6 +48,14 @@ def save_heads(directory: str | Path, params: Any, config: dict, metadata: dict,
     return directory / str(step)
 
 
+def heads_metadata(train_set, epoch: int, val_r1: float) -> dict:
+    """The metadata a heads checkpoint carries beside its params and config."""
+    import xclip_jax
+
+    return {"epoch": int(epoch), "val_r1": float(val_r1), "image_dim": int(train_set.image_dim),
+            "text_dim": int(train_set.text_dim), "version": xclip_jax.__version__}
+
+
 def latest_step(directory: str | Path) -> int | None:
     """The newest complete checkpoint step in ``directory``, or None."""
     directory = Path(directory)
@@ -121,11 +129,11 @@ def restore(directory: str | Path) -> TrainedHeads:
       >>> z = heads.encode_images(image_embeddings)   # [n, output_dim], unit norm
     """
     from xclip_jax.config import TrainConfig, build
-    from xclip_jax.step import TrainSpec
+    from xclip_jax.step import RunSpec
 
     params, meta = load_raw(directory)
     config = build(TrainConfig, meta["config"])
-    spec = TrainSpec(config.model, config.loss, config.training, meta["image_dim"], meta["text_dim"])
+    spec = RunSpec(config.model, config.loss, config.training, meta["image_dim"], meta["text_dim"])
     return TrainedHeads(config=config, image_dim=meta["image_dim"], text_dim=meta["text_dim"], meta=meta,
                         params=params, spec=spec)
 

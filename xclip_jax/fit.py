@@ -69,7 +69,7 @@ class FitState:
 
 
 class _Single:
-    """One trial: its state and its four programs (epoch, evaluation, params copy)."""
+    """One trial: its state and its three programs (epoch, evaluation, params copy)."""
 
     def __init__(self, state: TrainState, train_data, val_data, programs: Programs):
         self.state, self.train_data, self.val_data = state, train_data, val_data

@@ -112,7 +112,7 @@ class AttentionBlock(nn.Module):
 
     With one token the attention softmax is identically 1, so MHA reduces to
     ``out_proj(dropout_per_head(v_proj(x)))``: the query and key projections change neither the
-    output nor any gradient, and are not computed (a third of the block's matmuls saved). Dropout on
+    output nor any gradient, and are not computed (half of the block's four E×E products saved). Dropout on
     the attention weights becomes one keep/drop decision per example and head, scaled by
     1/(1-p), which is exactly what PyTorch's dropout on the [B, H, 1, 1] weights does.
     """

@@ -358,10 +358,12 @@ def worker_setup() -> None:
         raise SystemExit("the driver that started this worker is gone")
 
 
-def serve(run_job, prepare_job=None) -> None:
-    """The worker's loop: for each job line on stdin, run ``run_job(job) -> dict`` with stdout and
-    stderr in the job's log, then write ``{"job": id, **result}`` to the result pipe. Returns when the
-    pool closes stdin. An exception in ``run_job`` ends the worker (the pool reports the job lost).
+def serve(start) -> None:
+    """The worker's loop. First :func:`worker_setup`, then ``start() -> (run_job, prepare_job)`` (the
+    worker's own set-up, its heavy imports after the memory cap; ``prepare_job`` may be None); then
+    for each job line on stdin, run ``run_job(job) -> dict`` with stdout and stderr in the job's log,
+    and write ``{"job": id, **result}`` to the result pipe. Returns when the pool closes stdin. An
+    exception in ``run_job`` ends the worker (the pool reports the job lost).
 
     Jobs are read by a thread as they arrive; ``prepare_job(job)``, when given, runs there for each
     (exceptions ignored: the job itself will meet them), so a worker that says ``"ahead": true`` in
@@ -371,6 +373,7 @@ def serve(run_job, prepare_job=None) -> None:
     import threading
 
     worker_setup()
+    run_job, prepare_job = start()
     results = os.fdopen(int(os.environ.pop(RESULT_FD_ENV)), "w", buffering=1)
     jobs: queue.Queue = queue.Queue()
 

@@ -2,7 +2,8 @@
 
 A warm trial runner keeps one :class:`Programs` for all its trials, so a trial whose shapes it has
 seen compiles nothing, and it can compile its next trial's programs in another thread while the
-current one trains. The training CLI uses one too (it compiles the same four programs).
+current one trains. The training CLI's fit uses one too (its epoch, evaluation and params copy; its state comes from
+``step.create_train_state``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from xclip_jax.metrics import DEFAULT_CHUNK_SIZE
 from xclip_jax.step import (
     DeviceData,
-    TrainSpec,
+    RunSpec,
     TrainState,
     _bundle_eval_program,
     _eval_program,
@@ -136,22 +137,18 @@ class Programs:
                 del self._pending[key]
             compiling.done.set()
 
-    def init_fn(self, spec: TrainSpec):
+    def init_fn(self, spec: RunSpec):
         """The state-init program of ``spec``: ``init_fn(*state_args(spec, seed)[1:])`` is
         ``create_train_state(spec, seed)``."""
         static_spec = spec.static()
         return self._get(("init", static_spec), lambda: _fresh_state.lower(*state_args(spec, 0)), fast=True)
-
-    def init(self, spec: TrainSpec, seed: int) -> TrainState:
-        """``create_train_state(spec, seed)`` with a kept program."""
-        return self.init_fn(spec)(*state_args(spec, seed)[1:])
 
     def epoch_fn(self, state: TrainState, data: DeviceData):
         """``run_epoch`` compiled for these shapes (``state`` may be abstract)."""
         key = ("epoch", state.spec, _shape_key((state, data)))
         return self._get(key, lambda: run_epoch.lower(_abstract(state), _abstract(data)), fast=False)
 
-    def eval_fn(self, spec: TrainSpec, params, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def eval_fn(self, spec: RunSpec, params, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The evaluation program (``params`` may be abstract); run it with :func:`run_eval`."""
         spec = spec.heads_only()  # it depends on the heads alone, not on the loss or the optimiser
         return self._get(("eval", spec, chunk_size, _shape_key((params, data))),
@@ -163,7 +160,7 @@ class Programs:
 
     # -- bundles: K same-shape trials in one program (a leading member axis) ----------------
 
-    def bundle_init_fn(self, spec: TrainSpec, size: int):
+    def bundle_init_fn(self, spec: RunSpec, size: int):
         """The init program of a bundle of ``size`` members of ``spec``'s shapes."""
         return self._get(("bundle_init", spec.static(), size),
                          lambda: _fresh_bundle.lower(*bundle_args([spec] * size, range(size))), fast=True)
@@ -175,7 +172,7 @@ class Programs:
         return self._get(key, lambda: run_bundle_epoch.lower(_abstract(states), _abstract(data),
                                                              jax.ShapeDtypeStruct((size,), bool)), fast=False)
 
-    def bundle_eval_fn(self, spec: TrainSpec, params_K, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def bundle_eval_fn(self, spec: RunSpec, params_K, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The evaluation of every member at once; run it with ``step.run_bundle_eval``."""
         spec = spec.heads_only()
         return self._get(("bundle_eval", spec, chunk_size, _shape_key((params_K, data))),
@@ -189,7 +186,7 @@ class Programs:
                          lambda: _keep_best.lower(_abstract(params_K), _abstract(params_K),
                                                   jax.ShapeDtypeStruct((size,), bool)), fast=True)
 
-    def prepare(self, spec: TrainSpec, data: DeviceData, val_data: DeviceData, size: int = 1) -> None:
+    def prepare(self, spec: RunSpec, data: DeviceData, val_data: DeviceData, size: int = 1) -> None:
         """Compile every program a trial (``size`` 1) or a bundle of ``spec`` on these sets needs,
         without running any: what a runner does for its next job while the current one trains."""
         if size > 1:

@@ -87,9 +87,9 @@ class Runner:
         self.startup_seconds = time.time() - spawned  # process start -> data on the device (first trial)
 
     def _spec(self, trial_cfg):
-        from xclip_jax.train import train_spec
+        from xclip_jax.step import RunSpec
 
-        return train_spec(trial_cfg, self.train_set.image_dim, self.train_set.text_dim)
+        return RunSpec.of(trial_cfg, self.train_set.image_dim, self.train_set.text_dim)
 
     def prepare(self, tids: list[int]) -> None:
         """Compile a job's programs (in the job reader's thread, while another job trains)."""
@@ -103,14 +103,12 @@ class Runner:
         self.programs.prepare(spec, self.train_data, self.val_data, size=len(tids))
         self.prepared[tids[0]] = tuple(a - b for a, b in zip(self.programs.counters(), before))
 
-    def _open(self, tid: int, lead: int | None, size: int):
-        """Trial ``tid`` as a Trial, its training config and folder (cfg.yaml written, attributes set)."""
-        from xclip_jax import study as st
+    def _open(self, trial, lead: int, size: int):
+        """A trial's training config and folder (cfg.yaml written, attributes set)."""
         from xclip_jax.config import dump_yaml
         from xclip_jax.runtime import TRIAL_HEADER, host_name
         from xclip_jax.tune_config import trial_config
 
-        trial = st.open_trial(self.study, tid)
         train_cfg = trial_config(self.cfg, trial.params, trial_number=trial.number)
         out = Path(self.cfg.checkpoint_dir) / f"{trial.number:05d}"
         out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +123,7 @@ class Runner:
         # writes leaves no trial with a pid and no host).
         for key, value in {**attrs, "pid": os.getpid()}.items():
             trial.set_user_attr(key, value)
-        return trial, train_cfg, out
+        return train_cfg, out
 
     def run_job(self, tids: list[int]) -> dict:
         """Run one trial, or a bundle of same-shape trials in one program (``batch_trials``), to its
@@ -134,21 +132,19 @@ class Runner:
         from optuna.trial import TrialState
 
         from xclip_jax import checkpoint
+        from xclip_jax import study as st
+        from xclip_jax.baselines import with_head_init
         from xclip_jax.config import to_dict
         from xclip_jax.fit import fit, fit_bundle
         from xclip_jax.pool import rss_bytes
         from xclip_jax.step import TrainingDiverged, bundle_args, state_args
-        from xclip_jax.train import heads_metadata, with_head_init
 
         t_start = time.perf_counter()
         study, programs, size = self.study, self.programs, len(tids)
         compiled_before = programs.counters()
-        members = []
-        for tid in tids:
-            members.append(self._open(tid, members[0][0].number if members else None, size))
-        trials, cfgs = [m[0] for m in members], [m[1] for m in members]
-        if size > 1:  # the lead's own attribute: it leads the bundle
-            trials[0].set_user_attr("bundle", trials[0].number)
+        trials = [st.open_trial(study, tid) for tid in tids]
+        opened = [self._open(trial, trials[0].number, size) for trial in trials]
+        cfgs = [c for c, _ in opened]
         result = {"ahead": self.ahead}
         training = cfgs[0].training
         try:
@@ -168,12 +164,12 @@ class Runner:
                 fit_states = [fs]
             else:
                 state, fit_states = fit_bundle(state, self.train_data, self.val_data, hooks=hooks, **common)
-            for (trial, train_cfg, out), fs in zip(members, fit_states):
+            for trial, (train_cfg, out), fs in zip(trials, opened, fit_states):
                 if fs.best_params is not None:
                     # one checkpoint per trial, the best epoch's (pruned ones, and ones that diverged
                     # after it, too)
                     checkpoint.save_heads(out, fs.best_params, to_dict(train_cfg),
-                                          heads_metadata(self.train_set, fs.best_epoch, fs.best_r1),
+                                          checkpoint.heads_metadata(self.train_set, fs.best_epoch, fs.best_r1),
                                           step=fs.best_epoch)
         except Exception as e:  # the job's own error, not whatever the log's last line happens to be
             if disk_full(str(e)):
@@ -225,12 +221,15 @@ def main(argv=None):
     at once, even inside compiled code (a Python handler would run only between bytecodes, and an
     exception it raised inside a library callback could be swallowed). The driver records how the
     trial ended."""
-    from xclip_jax.pool import serve, worker_setup
+    from xclip_jax.pool import serve
 
-    worker_setup()  # the memory cap and the parent-death signal, before jax is imported
     config_path, cache_dir = argv if argv is not None else sys.argv[1:]
-    runner = Runner(config_path, cache_dir)
-    serve(lambda job: runner.run_job(job["trial_ids"]), lambda job: runner.prepare(job["trial_ids"]))
+
+    def start():  # after the pool's worker set-up (memory cap, parent-death signal): jax is imported here
+        runner = Runner(config_path, cache_dir)
+        return (lambda job: runner.run_job(job["trial_ids"])), (lambda job: runner.prepare(job["trial_ids"]))
+
+    serve(start)
     return 0
 
 

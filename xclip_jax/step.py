@@ -22,7 +22,7 @@ from flax import struct
 
 from xclip_jax import losses
 from xclip_jax.heads import init_head_params, make_heads
-from xclip_jax.metrics import DEFAULT_CHUNK_SIZE, ranks, summarise
+from xclip_jax.metrics import ranks, summarise
 from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec, key_seed, static
 
 
@@ -41,9 +41,9 @@ class NotFinite(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSpec:
+class RunSpec:
     """A run's three config sections and the input dims. Built in one line from a config:
-    ``TrainSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)``.
+    ``RunSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)``.
 
     The train state carries ``spec.static()``, the form whose data fields (dropout, temperature,
     learning rate, weight decay, epochs, patience) are fixed: compiled programs are keyed on it, so
@@ -56,14 +56,19 @@ class TrainSpec:
     image_dim: int
     text_dim: int
 
+    @classmethod
+    def of(cls, cfg, image_dim: int, text_dim: int) -> RunSpec:
+        """The spec of a typed TrainConfig on inputs of these dims."""
+        return cls(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)
+
     @property
     def batch_size(self) -> int:
         return self.training.batch_size
 
-    def static(self) -> TrainSpec:
+    def static(self) -> RunSpec:
         return dataclasses.replace(self, head=static(self.head), loss=static(self.loss), training=static(self.training))
 
-    def heads_only(self) -> TrainSpec:
+    def heads_only(self) -> RunSpec:
         """The static spec as far as the heads go (head, dims, dtype; loss and training at their
         defaults): encoding and evaluation depend on nothing else, so their programs are keyed on it."""
         return dataclasses.replace(self.static(), loss=LossSpec(), training=TrainingSpec(dtype=self.training.dtype))
@@ -104,7 +109,7 @@ class TrainState:
     opt_state: Any
     queue: losses.QueueState | None
     rng: dict  # {"dropout", "shuffle"}: independent streams, each folded with the step
-    spec: TrainSpec = struct.field(pytree_node=False)
+    spec: RunSpec = struct.field(pytree_node=False)
 
 
 # ----------------------------------------------------------------------------- construction
@@ -127,7 +132,7 @@ def _loss_labels(loss: LossSpec):
     return label
 
 
-def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: float = 0.0):
+def make_optimizer(spec: RunSpec, learning_rate: float = 0.0, weight_decay: float = 0.0):
     """AdamW on the heads after clipping *their* gradients' global norm (``max_grad_norm``), as the
     original clips the heads' parameters only; Adam (no decay, no clip) on learnable loss params;
     nothing on frozen ones, whose gradients touch neither the clip nor anything else.
@@ -150,27 +155,27 @@ def make_optimizer(spec: TrainSpec, learning_rate: float = 0.0, weight_decay: fl
     return optax.inject_hyperparams(inner)(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
-def state_args(spec: TrainSpec, seed: int) -> tuple:
+def state_args(spec: RunSpec, seed: int) -> tuple:
     """``_fresh_state``'s arguments: the static spec, then the seed and the data fields as arrays."""
     # numpy scalars: placing them on the device compiles nothing (jnp.asarray would, once per dtype)
     return (spec.static(), np.uint32(key_seed(seed)), np.float32(spec.training.learning_rate),
             np.float32(spec.training.weight_decay), np.float32(spec.loss.temperature), np.float32(spec.head.dropout))
 
 
-def create_train_state(spec: TrainSpec, seed: int) -> TrainState:
+def create_train_state(spec: RunSpec, seed: int) -> TrainState:
     """A fresh train state: initialised heads, loss params, optimizer state, empty queue.
 
     The data fields of the spec (dropout, temperature, learning rate, weight decay) are read here,
     once, and travel in the state, which carries ``spec.static()``.
 
     Example:
-      >>> spec = TrainSpec(HeadSpec("clip", 64, 128), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
+      >>> spec = RunSpec(HeadSpec("clip", 64, 128), LossSpec(), TrainingSpec(batch_size=256), 32, 48)
       >>> state = create_train_state(spec, seed=0)
     """
     return _fresh_state(*state_args(spec, seed))
 
 
-def _fresh_state_core(spec: TrainSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
+def _fresh_state_core(spec: RunSpec, seed, learning_rate, weight_decay, temperature, dropout) -> TrainState:
     # Independent streams for the init, each step's dropout and each epoch's shuffle: two derived from
     # one key by fold_in and split collide (partitionable threefry: split(k)[i] == fold_in(k, i)).
     k_init, k_dropout, k_shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -191,23 +196,18 @@ _fresh_state = jax.jit(_fresh_state_core, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _fresh_bundle(spec: TrainSpec, seeds_K, learning_rates_K, weight_decays_K, temperatures_K, dropouts_K):
+def _fresh_bundle(spec: RunSpec, seeds_K, learning_rates_K, weight_decays_K, temperatures_K, dropouts_K):
     # K members' states, stacked on a leading axis: each exactly what _fresh_state gives for its values.
     return jax.vmap(functools.partial(_fresh_state_core, spec))(seeds_K, learning_rates_K, weight_decays_K,
                                                                   temperatures_K, dropouts_K)
 
 
-def bundle_args(specs: list[TrainSpec], seeds: list[int]) -> tuple:
+def bundle_args(specs: list[RunSpec], seeds: list[int]) -> tuple:
     """``_fresh_bundle``'s arguments for K members of one static spec (each as ``state_args``)."""
     members = [state_args(spec, seed) for spec, seed in zip(specs, seeds)]
     if len({m[0] for m in members}) != 1:
         raise ValueError("a bundle's members must share every static shape (head, dims, loss, batch, queue)")
     return (members[0][0], *(np.stack(column) for column in list(zip(*members))[1:]))
-
-
-def create_bundle_state(specs: list[TrainSpec], seeds: list[int]) -> TrainState:
-    """The train states of K same-shape trials, stacked on a leading member axis (see ``run_bundle_epoch``)."""
-    return _fresh_bundle(*bundle_args(specs, seeds))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -225,11 +225,11 @@ def compute_loss(loss: LossSpec, loss_params: dict, zi, zt, ids, queue):
                                 mask_batch_duplicates=loss.mask_batch_duplicates)
 
 
-def _heads(spec: TrainSpec):
+def _heads(spec: RunSpec):
     return make_heads(spec.head, spec.image_dim, spec.text_dim, spec.training.dtype)
 
 
-def _forward(spec: TrainSpec, params, batch, rng, dropout_rate):
+def _forward(spec: RunSpec, params, batch, rng, dropout_rate):
     image_head, text_head = _heads(spec)
     k_img, k_txt = jax.random.split(rng)
     zi = image_head.apply({"params": params["image"]}, batch["image"], train=True, dropout_rate=dropout_rate,
@@ -305,12 +305,9 @@ def _epoch(state: TrainState, data: DeviceData):
 
 
 run_epoch = jax.jit(_epoch, donate_argnums=0)
-run_epoch.__doc__ = """One epoch as one compiled program: ``run_epoch(state, data) -> (state, metrics)``.
-
-An on-device shuffle, then a scan of ``train_step`` over the spec's batch size. Returns the new state
-and the epoch's metrics (mean loss and grad norm, final temperature, whether any step's loss was
-not finite), still on the device.
-"""
+run_epoch.__doc__ = """One epoch as one compiled program: ``run_epoch(state, data) -> (state, metrics)``: an
+on-device shuffle, then a scan of ``train_step`` over the spec's batch size. Returns the new state and the epoch's
+metrics (mean loss and grad norm, final temperature, whether every step's loss was finite), on the device."""
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -354,6 +351,10 @@ def eval_loss(state: TrainState, data: DeviceData):
 # ----------------------------------------------------------------------------- evaluation
 
 
+# Rows the heads project at a time at evaluation: bounded memory, one program for any row count.
+ENCODE_CHUNK_ROWS = 8192
+
+
 def _encode_rows(head, params, x_NxD, chunk_size: int):
     """Apply ``head`` to every row, ``chunk_size`` rows at a time (a ``lax.map`` over padded chunks:
     bounded memory, one program)."""
@@ -366,25 +367,25 @@ def _encode_rows(head, params, x_NxD, chunk_size: int):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "side", "chunk_size"))
-def _encode(spec: TrainSpec, side: str, params, x, chunk_size: int):
+def _encode(spec: RunSpec, side: str, params, x, chunk_size: int):
     image_head, text_head = _heads(spec)
     return _encode_rows(image_head if side == "image" else text_head, params, x, chunk_size)
 
 
-def encode(spec: TrainSpec, side: str, params, x, chunk_size: int = 8192) -> jax.Array:
+def encode(spec: RunSpec, side: str, params, x, chunk_size: int = ENCODE_CHUNK_ROWS) -> jax.Array:
     """Project ``x`` with the ``side`` ("image"/"text") head, in fixed-size chunks (one program)."""
     return _encode(spec.heads_only(), side, params, jnp.asarray(x, jnp.float32), chunk_size)
 
 
-def project(params, spec: TrainSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
+def project(params, spec: RunSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:
     """The heads' outputs for a device-resident set: (unique images [N, D], captions [T, D])."""
     return encode(spec, "image", params["image"], data.image_NxDi), encode(spec, "text", params["text"], data.text_RxDt)
 
 
-def _eval_core(spec: TrainSpec, params, data: DeviceData, chunk_size: int):
+def _eval_core(spec: RunSpec, params, data: DeviceData, chunk_size: int):
     image_head, text_head = _heads(spec)
-    zi = _encode_rows(image_head, params["image"], data.image_NxDi, 8192)
-    zt = _encode_rows(text_head, params["text"], data.text_RxDt, 8192)
+    zi = _encode_rows(image_head, params["image"], data.image_NxDi, ENCODE_CHUNK_ROWS)
+    zt = _encode_rows(text_head, params["text"], data.text_RxDt, ENCODE_CHUNK_ROWS)
     return ranks(zi, zt, data.row_image_R, min(chunk_size, data.image_NxDi.shape[0]))
 
 
@@ -393,7 +394,7 @@ _eval_program = jax.jit(_eval_core, static_argnames=("spec", "chunk_size"))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size"))
-def _bundle_eval_program(spec: TrainSpec, params_K, data: DeviceData, chunk_size: int):
+def _bundle_eval_program(spec: RunSpec, params_K, data: DeviceData, chunk_size: int):
     # The evaluation of K members at once: their ranks [K, N] and [K, T], and finiteness [K].
     return jax.vmap(lambda params: _eval_core(spec, params, data, chunk_size))(params_K)
 
@@ -416,13 +417,3 @@ def run_bundle_eval(eval_fn, params_K, data: DeviceData, ks=(1, 5, 10, 50)) -> l
     i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K = jax.device_get(eval_fn(params_K, data))
     return [summarise(i2t, t2i, ks) if ok_i and ok_t else None
             for i2t, t2i, ok_i, ok_t in zip(i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K)]
-
-
-def evaluate(params, spec: TrainSpec, data: DeviceData, ks=(1, 5, 10, 50), chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
-    """Full retrieval metrics of the heads on a device-resident set (images de-duplicated), computed
-    in one compiled program per shape.
-
-    Raises:
-      NotFinite: the heads' outputs were not finite (diverged params).
-    """
-    return run_eval(functools.partial(_eval_program, spec.heads_only(), chunk_size=chunk_size), params, data, ks)

@@ -11,10 +11,10 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import numpy as np
 
+from xclip_jax.baselines import with_head_init
 from xclip_jax.fit import FitState, Hook, fit
-from xclip_jax.step import TrainingDiverged, TrainSpec, TrainState, create_train_state, eval_loss, to_device
+from xclip_jax.step import TrainingDiverged, RunSpec, TrainState, create_train_state, eval_loss, to_device
 
 # ----------------------------------------------------------------------------- the training CLI's hooks
 
@@ -51,37 +51,6 @@ def save_for_resume(directory: Path, config: dict) -> Hook:
 # ----------------------------------------------------------------------------- from a config
 
 
-def train_spec(cfg, image_dim: int, text_dim: int) -> TrainSpec:
-    """The static spec of a typed TrainConfig for the given input dims."""
-    return TrainSpec(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)
-
-
-def with_head_init(state: TrainState, heads: list, train_set, cache: dict | None = None) -> TrainState:
-    """A fresh state (one trial, or a bundle's stacked states with one HeadSpec per member) with each
-    member whose head says ``init: cca`` starting from the CCA solution of the training set
-    (``baselines.cca_start``), written into that member's own initial params: everything else (the
-    columns past the CCA directions, a bias there) stays the member's own random draw. ``cache``
-    keeps the solutions, which are deterministic, by (head type, output dim)."""
-    use = [h.init == "cca" for h in heads]
-    if not any(use):
-        return state
-    from xclip_jax.baselines import apply_cca_start, cca_start
-
-    stacked = np.ndim(state.step) == 1
-    default = jax.device_get({"image": state.params["image"], "text": state.params["text"]})
-    members = [jax.tree.map(lambda x, i=i: x[i], default) for i in range(len(heads))] if stacked else [default]
-    cache = {} if cache is None else cache
-    for i, head in enumerate(heads):
-        if not use[i]:
-            continue
-        key = (head.type, head.output_dim)
-        if key not in cache:
-            cache[key] = cca_start(head.type, head.output_dim, train_set.image, train_set.text, train_set.row_image)
-        members[i] = apply_cca_start(cache[key], members[i])
-    params = jax.tree.map(lambda *m: np.stack(m), *members) if stacked else members[0]
-    return state.replace(params={**state.params, **jax.device_put(params)})
-
-
 def check_fits(cfg, train_set) -> None:
     """Config-vs-data checks (``spec.fit_problems``): an error in one line, or warnings."""
     from xclip_jax.errors import UserError, warn
@@ -93,13 +62,6 @@ def check_fits(cfg, train_set) -> None:
         raise UserError(errors[0])
     for message in warnings:
         warn(message)
-
-
-def heads_metadata(train_set, epoch: int, val_r1: float) -> dict:
-    import xclip_jax
-
-    return {"epoch": int(epoch), "val_r1": float(val_r1), "image_dim": int(train_set.image_dim),
-            "text_dim": int(train_set.text_dim), "version": xclip_jax.__version__}
 
 
 # Keys that may change between an interrupted run and its --resume: they do not change what the
@@ -179,14 +141,14 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     print(settings_line(cfg, sets["train"].image_dim, sets["train"].text_dim))
     out_dir.mkdir(parents=True, exist_ok=True)  # once the config and the data are known to be good
     train_data, val_data = to_device(sets["train"]), to_device(sets["val"])
-    state = create_train_state(train_spec(cfg, sets["train"].image_dim, sets["train"].text_dim), seed=cfg.seed)
+    state = create_train_state(RunSpec.of(cfg, sets["train"].image_dim, sets["train"].text_dim), seed=cfg.seed)
     state = with_head_init(state, [cfg.model], sets["train"])
     config = to_dict(cfg)
     resumed = _resumed(resume_dir, ckpt_dir, state, config) if resume else None
     state, fit_state = resumed if resumed else (state, None)
 
     def save(params, epoch, r1):
-        checkpoint.save_heads(ckpt_dir, params, config, heads_metadata(sets["train"], epoch, r1), step=epoch)
+        checkpoint.save_heads(ckpt_dir, params, config, checkpoint.heads_metadata(sets["train"], epoch, r1), step=epoch)
 
     hooks = (validation_loss(val_data), save_best(save), save_for_resume(resume_dir, config))
     state, fs = fit(state, train_data, val_data, fit_state, num_epochs=cfg.training.num_epochs,

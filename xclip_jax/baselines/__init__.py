@@ -27,7 +27,7 @@ from xclip_jax.baselines.fits import (
     score_baseline,
 )
 from xclip_jax.baselines.search import SUBSPACE_DIMS, best_baseline, compute_baselines, format_baselines
-from xclip_jax.baselines.warm_start import CcaStart, apply_cca_start, cca_start
+from xclip_jax.baselines.warm_start import CcaStart, apply_cca_start, cca_start, with_head_init
 
 __all__ = [
     "CcaStart",
@@ -44,4 +44,5 @@ __all__ = [
     "fit_ridge",
     "format_baselines",
     "score_baseline",
+    "with_head_init",
 ]

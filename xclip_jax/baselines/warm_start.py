@@ -82,3 +82,27 @@ def apply_cca_start(start: CcaStart, default_params: dict) -> dict:
             out[side]["LayerNorm_0"]["bias"][:] = start.shifts[side]
     return out
 
+
+
+def with_head_init(state, heads: list, train_set, cache: dict | None = None):
+    """A fresh train state (one trial, or a bundle's stacked states with one HeadSpec per member) with
+    each member whose head says ``init: cca`` starting from the CCA solution of the training set
+    (:func:`cca_start`), written into that member's own initial params: everything else (the columns
+    past the CCA directions, a bias there) stays the member's own random draw. ``cache`` keeps the
+    solutions, which are deterministic, by (head type, output dim)."""
+    use = [h.init == "cca" for h in heads]
+    if not any(use):
+        return state
+    stacked = np.ndim(state.step) == 1
+    default = jax.device_get({"image": state.params["image"], "text": state.params["text"]})
+    members = [jax.tree.map(lambda x, i=i: x[i], default) for i in range(len(heads))] if stacked else [default]
+    cache = {} if cache is None else cache
+    for i, head in enumerate(heads):
+        if not use[i]:
+            continue
+        key = (head.type, head.output_dim)
+        if key not in cache:
+            cache[key] = cca_start(head.type, head.output_dim, train_set.image, train_set.text, train_set.row_image)
+        members[i] = apply_cca_start(cache[key], members[i])
+    params = jax.tree.map(lambda *m: np.stack(m), *members) if stacked else members[0]
+    return state.replace(params={**state.params, **jax.device_put(params)})
