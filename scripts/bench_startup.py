@@ -23,8 +23,9 @@ t_spawn = float(os.environ["XCLIP_BENCH_SPAWN"])
 t_py = time.time()
 import jax
 import jax.numpy as jnp
-from xclip_jax.step import RunSpec, create_train_state, run_epoch, to_device
-from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+import numpy as np
+from xclip_jax.step import create_train_state, run_epochs, to_device
+from xclip_jax.spec import HeadSpec, LossSpec, RunSpec, TrainingSpec
 from xclip_jax import data
 t_import = time.time()
 sets = data.synthetic_splits(n_images=3000, captions_per_image=5, image_dim=256, text_dim=384, val_images=500,
@@ -34,12 +35,12 @@ jax.block_until_ready(train)
 t_data = time.time()
 spec = RunSpec(HeadSpec("clip", output_dim=128, hidden_dim=256, dropout=0.1), LossSpec("softmax_infonce", 0.07),
                  TrainingSpec(batch_size=512, learning_rate=1e-3, weight_decay=1e-4), 256, 384)
-state = create_train_state(spec, seed=0)
+state = jax.tree.map(lambda x: x[None], create_train_state(spec, seed=0))
 jax.block_until_ready(state)
 t_state = time.time()
-epoch_fn = run_epoch.lower(state, train).compile()
+epoch_fn = run_epochs.lower(state, train, np.array([True])).compile()
 t_compile = time.time()
-state, metrics = epoch_fn(state, train)
+state, metrics = epoch_fn(state, train, np.array([True]))
 jax.block_until_ready((state, metrics))
 t_step = time.time()
 print("XCLIP_BENCH " + json.dumps({

@@ -1,5 +1,5 @@
 """The in-process compute benches: training throughput of each head x loss (the epoch time of
-``run_epoch``'s ahead-of-time compiled program, rows/s, the model FLOPs of an epoch and the achieved
+``run_epochs``' ahead-of-time compiled program (one member), rows/s, the model FLOPs of an epoch and the achieved
 fraction of the measured matmul peak), and the time of the validation metrics.
 
 About XLA's FLOP count: XLA's HloCostAnalysis counts a while loop's body once, whatever its trip
@@ -83,8 +83,10 @@ def analytic_matmul_flops(head: str, loss: str, batch: int, image_dim: int, text
 
 
 def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: int, combos=COMBOS) -> list[dict]:
-    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import RunSpec, create_train_state, run_epoch, train_step
+    import numpy as np
+
+    from xclip_jax.spec import HeadSpec, LossSpec, RunSpec, TrainingSpec
+    from xclip_jax.step import create_train_state, run_epochs, train_step
 
     dtype = args.dtype
     rows = data_dev.rows
@@ -98,9 +100,10 @@ def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: i
                              TrainingSpec(batch_size=batch, learning_rate=1e-3, weight_decay=1e-4, dtype=dtype),
                              image_dim, text_dim)
             state = create_train_state(spec, seed=0)
+            states, active = jax.tree.map(lambda x: x[None], state), np.array([True])
             steps = rows // batch
             t0 = time.perf_counter()
-            epoch_fn = run_epoch.lower(state, data_dev).compile()
+            epoch_fn = run_epochs.lower(states, data_dev, active).compile()
             compile_s = time.perf_counter() - t0
             epoch_flops_raw = cost_flops(epoch_fn)
             sample = {"image": jnp.zeros((batch, image_dim), jnp.float32),
@@ -122,16 +125,16 @@ def bench_training(args, meter: PeakMeter, data_dev, image_dim: int, text_dim: i
             analytic = analytic_matmul_flops(head, loss, batch, image_dim, text_dim, args.output_dim, args.hidden_dim,
                                              4096) * steps
 
-            state, metrics = epoch_fn(state, data_dev)  # warm-up epoch
-            block((state, metrics))
+            states, metrics = epoch_fn(states, data_dev, active)  # warm-up epoch
+            block((states, metrics))
             times, loads = [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                state, metrics = epoch_fn(state, data_dev)
-                block((state, metrics))
+                states, metrics = epoch_fn(states, data_dev, active)
+                block((states, metrics))
                 times.append(time.perf_counter() - t0)
                 loads.append(round(os.getloadavg()[0], 2))
-            finite = bool(jax.device_get(metrics["finite"]))
+            finite = bool(jax.device_get(metrics["finite"]).all())
             local_peak = meter.sample(args.peak_recheck)
             t = statistics.median(times)
             params = {"head": head, "loss": loss, "batch_size": batch, "rows": rows, "steps": steps,

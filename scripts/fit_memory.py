@@ -27,8 +27,8 @@ def main(argv=None) -> int:
 
     from xclip_jax import data
     from xclip_jax.fit import fit
-    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import RunSpec, create_train_state, to_device
+    from xclip_jax.spec import HeadSpec, LossSpec, RunSpec, TrainingSpec
+    from xclip_jax.step import create_train_state, to_device
 
     sets = data.synthetic_splits(n_images=400, captions_per_image=5, image_dim=32, text_dim=48, val_images=100,
                                  test_images=10, seed=0)

@@ -316,7 +316,9 @@ def test_a_linear_head_started_from_cca_ranks_as_the_cca_baseline():
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
     from xclip_jax.baselines import with_head_init
     from xclip_jax.metrics import retrieval_metrics_indexed
-    from xclip_jax.step import RunSpec, create_train_state, project, to_device
+    from xclip_jax.encode import project
+    from xclip_jax.spec import RunSpec
+    from xclip_jax.step import create_train_state, to_device
 
     def evaluate(params, spec, data, ks):
         return retrieval_metrics_indexed(*project(params, spec, data), data.row_image_R, ks=ks)
@@ -366,7 +368,10 @@ def test_the_warm_start_cache_keeps_only_the_cca_solution():
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
     from xclip_jax.baselines import with_head_init
     from xclip_jax.programs import Programs
-    from xclip_jax.step import RunSpec, bundle_args, create_train_state
+    from xclip_jax.model import hparams, stack
+    from xclip_jax.padding import program_key
+    from xclip_jax.spec import RunSpec
+    from xclip_jax.step import create_train_state, fresh_states
 
     train = data.synthetic_splits(n_images=200, captions_per_image=3, image_dim=12, text_dim=16, val_images=20,
                                   test_images=10, noise=0.5, seed=3)["train"]
@@ -382,7 +387,8 @@ def test_the_warm_start_cache_keeps_only_the_cca_solution():
     np.testing.assert_array_equal(a[:, :k], b[:, :k])
     assert not np.allclose(a[:, k:], b[:, k:])
     assert not np.allclose(first.params["text"]["Dense_0"]["bias"][k:], served.params["text"]["Dense_0"]["bias"][k:])
-    bundle = Programs().bundle_init_fn(spec, 2)(*bundle_args([spec, spec], [0, 1])[1:])
+    key = program_key(spec)
+    bundle = fresh_states(key, stack([hparams(spec, 0), hparams(spec, 1)]), Programs().init_fn(key, 2))
     bundle = with_head_init(bundle, [spec.head] * 2, train, cache)
     for i, alone in enumerate((first, fresh)):
         # the runner's init program is compiled with fewer optimisations: the same draws, to the last bit or two

@@ -182,16 +182,27 @@ def test_field_cases_cover_every_spec_field():
     assert set(FIELD_CASES) == fields
 
 
+# Where each data field lands in a member's HParams, as the value the config gives.
+HP_FIELDS = {"dropout": "dropout", "temperature": "temperature", "learning_rate": "learning_rate",
+             "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "learnable_temp": "learnable_temp",
+             "learnable_bias": "learnable_bias", "mask_batch_duplicates": "mask_batch_duplicates",
+             "num_heads": "num_heads", "output_dim": "output_dim", "hidden_dim": "hidden_image",
+             "num_layers": "num_layers", "queue_size": "queue_size"}
+
+
 @pytest.mark.parametrize("section,key", list(FIELD_CASES))
 def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypatch, section, key):
-    """Set each field through YAML and watch it arrive: a static field changes the compiled epoch
-    program, a data field the train state, a fit-loop field the fit loop's arguments."""
+    """Set each field through YAML and watch it arrive: a static field changes the program key (and
+    the compiled epoch), a width the exact key and the member's HParams (padded to a larger bucket,
+    only the HParams), a data field the HParams alone, a fit-loop field the fit loop's arguments."""
     import jax
     import numpy as np
 
     from xclip_jax import data, train
-    from xclip_jax.spec import DATA_FIELDS
-    from xclip_jax.step import RunSpec, create_train_state, run_epoch, to_device
+    from xclip_jax.baselines import with_head_init
+    from xclip_jax.padding import WIDTH_FIELDS, Buckets, program_key
+    from xclip_jax.spec import STATIC_FIELDS, RunSpec
+    from xclip_jax.step import create_train_state, run_epochs, to_device
 
     value, base = FIELD_CASES[(section, key)]
 
@@ -209,16 +220,23 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
 
     default_cfg, cfg = load({}), load({section: {key: value}})
     assert getattr(getattr(cfg, section), key) == value
-    d = to_device(data.synthetic_splits(40, 2, 8, 12, val_images=8, test_images=4)["train"])
-    kind = type(getattr(cfg, section)).__name__
-    if key not in DATA_FIELDS[kind]:  # traced, not run: abstract states are enough
-        states = [jax.eval_shape(lambda c=c: create_train_state(RunSpec.of(c, 8, 12), seed=0))
-                  for c in (default_cfg, cfg)]
-        hlo = [run_epoch.lower(s, d).as_text() for s in states]
+    specs = [RunSpec.of(c, 8, 12) for c in (default_cfg, cfg)]
+    keys = [program_key(s) for s in specs]
+    if key in STATIC_FIELDS[type(getattr(cfg, section)).__name__]:  # traced, not run: abstract states are enough
+        assert keys[0] != keys[1]
+        d = to_device(data.synthetic_splits(40, 2, 8, 12, val_images=8, test_images=4)["train"])
+        states = [jax.eval_shape(lambda s=s: jax.tree.map(lambda x: x[None], create_train_state(s, seed=0)))
+                  for s in specs]
+        hlo = [run_epochs.lower(st, d, np.array([True])).as_text() for st in states]
         assert hlo[0] != hlo[1], f"{section}.{key} does not change the compiled program"
         return
-    states = [create_train_state(RunSpec.of(c, 8, 12), seed=0) for c in (default_cfg, cfg)]
-    assert states[0].spec == states[1].spec  # data fields share the program...
+    if key in WIDTH_FIELDS:  # its own program unpadded; in a bucket that holds both, the same one
+        assert keys[0] != keys[1]
+        wide = Buckets.of("max", {key: (getattr(getattr(default_cfg, section), key), value)})
+        assert program_key(specs[0], wide) == program_key(specs[1], wide)
+    else:
+        assert keys[0] == keys[1]  # data and fit-loop fields share the program...
+    states = [create_train_state(s, seed=0) for s in specs]
     if key in ("num_epochs", "patience"):  # ...and these steer the fit loop
         seen = {}
 
@@ -232,18 +250,21 @@ def test_every_config_field_reaches_the_program_or_the_state(tmp_path, monkeypat
         assert seen[key] == value
         return
     if key == "init":  # it reaches the state's starting params (from the training set's CCA)
-        starts = [train.with_head_init(st, [c.model], data.synthetic_splits(40, 2, 8, 12, val_images=8,
-                                                                             test_images=4)["train"])
+        starts = [with_head_init(st, [c.model], data.synthetic_splits(40, 2, 8, 12, val_images=8,
+                                                                      test_images=4)["train"])
                   for st, c in zip(states, (default_cfg, cfg))]
         kernel = [np.asarray(st.params["image"]["Dense_0"]["kernel"]) for st in starts]
         assert np.array_equal(kernel[0], np.asarray(states[0].params["image"]["Dense_0"]["kernel"]))
         assert not np.allclose(kernel[0], kernel[1])
         return
-    read = {"dropout": lambda s: s.dropout, "temperature": lambda s: np.exp(-s.params["loss"]["log_scale"]),
-            "learning_rate": lambda s: s.opt_state.hyperparams["learning_rate"],
-            "weight_decay": lambda s: s.opt_state.hyperparams["weight_decay"]}[key]
-    assert float(jax.device_get(read(states[1]))) == pytest.approx(value, rel=1e-6)
-    assert float(jax.device_get(read(states[0]))) != pytest.approx(value, rel=1e-6)
+    if key == "sigmoid_normalize":
+        got = [bool(st.hp.sigmoid_per_batch) for st in states]
+        assert got == [False, True]
+        return
+    got = [jax.device_get(getattr(st.hp, HP_FIELDS[key])).item() for st in states]
+    assert got[1] == pytest.approx(value, rel=1e-6) and got[0] != pytest.approx(value, rel=1e-6)
+    if key == "temperature":  # and the loss params start from it
+        assert float(np.exp(-states[1].params["loss"]["log_scale"])) == pytest.approx(value, rel=1e-6)
 
 
 def test_the_settings_line_shows_every_resolved_setting_its_head_and_loss_use():

@@ -19,7 +19,8 @@ from scipy.special import erf
 from tests.conftest import run_cli
 from xclip_jax import checkpoint, export
 from xclip_jax.config import TrainConfig, build, to_dict
-from xclip_jax.step import RunSpec, create_train_state
+from xclip_jax.spec import RunSpec
+from xclip_jax.step import create_train_state
 
 # name: (model section, image dim, text dim). Tiny dims but one 1024-dim input with 8 attention heads.
 CASES = {

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xclip_jax.heads import HeadSpec, init_head_params, make_head, make_heads
+from xclip_jax.heads import HeadSpec, make_head, make_heads
 
 IN, OUT, HID = 24, 16, 20
 
@@ -132,9 +132,8 @@ def test_attention_dropout_is_per_head():
 
 def test_pair_factory_and_errors():
     img, txt = make_heads(HeadSpec("mlp", OUT, HID), 12, 20)
-    params = init_head_params(HeadSpec("mlp", OUT, HID), 12, 20, jax.random.PRNGKey(0))
-    assert params["image"]["Dense_0"]["kernel"].shape == (12, HID)
-    assert params["text"]["Dense_0"]["kernel"].shape == (20, HID)
+    assert img.init(jax.random.PRNGKey(0), jnp.zeros((1, 12)))["params"]["Dense_0"]["kernel"].shape == (12, HID)
+    assert txt.init(jax.random.PRNGKey(0), jnp.zeros((1, 20)))["params"]["Dense_0"]["kernel"].shape == (20, HID)
     with pytest.raises(ValueError, match="unknown head type 'bert'"):
         make_head(HeadSpec("bert"), 8)
     with pytest.raises(ValueError, match="not divisible by num_heads=5"):

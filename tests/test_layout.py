@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xclip_jax"
 
 # Lower layers first; a module may import its own layer's modules or lower ones, never higher.
 LAYERS = [
-    {"errors", "spec", "ids", "losses"},                                 # the core's plain parts
+    {"errors", "spec", "padding", "ids", "losses"},                      # the core's plain parts; padded widths
     {"heads", "metrics"},                                                # the core
-    {"config", "data", "figures", "storage", "runtime", "pool"},             # edges, I/O, processes
-    {"tune_config", "step", "baselines"},                                # tuning config; the training step; baselines
+    {"config", "data", "figures", "storage", "runtime", "pool", "model"},  # edges, I/O, processes; a trial's model
+    {"tune_config", "step", "encode", "baselines"},                      # tuning config; the step; evaluation; baselines
     {"checkpoint", "programs", "space", "study", "study_plots", "tune_cli", "verdict"},         # checkpoints, kept programs; the study policy
     {"evaluate", "fit", "report", "export"},                             # evaluation, the fit loop; study outputs; export
     {"train"},                                                           # the fit loop and the training CLI
@@ -78,7 +78,8 @@ def test_no_import_circle():
         visit(module)
 
 
-@pytest.mark.parametrize("module", ["tune", "report", "data", "study", "pool", "runtime", "tune_config", "tune_cli", "verdict", "spec"])
+@pytest.mark.parametrize("module", ["tune", "report", "data", "study", "pool", "runtime", "tune_config", "tune_cli", "verdict",
+                                    "spec", "padding", "space"])
 def test_the_driver_side_imports_no_jax(module):
     code = (f"import sys, xclip_jax.{module}; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax')]; "

@@ -15,7 +15,9 @@ from xclip_jax import checkpoint, data, fit, train
 from xclip_jax.config import load_train_config
 from xclip_jax.evaluate import evaluate_checkpoint
 from xclip_jax.metrics import retrieval_metrics_indexed
-from xclip_jax.step import RunSpec, encode, to_device
+from xclip_jax.encode import encode
+from xclip_jax.spec import RunSpec
+from xclip_jax.step import to_device
 
 CONFIG = textwrap.dedent("""\
     experiment_name: tiny
@@ -301,9 +303,10 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     """fit_bundle against fit, member by member (same seeds): the same intermediate values to float32
     tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
     diverged while the others go on."""
+    from xclip_jax.model import hparams, stack
+    from xclip_jax.padding import program_key
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.programs import Programs
-    from xclip_jax.step import RunSpec, bundle_args, create_train_state
+    from xclip_jax.step import create_train_state, fresh_states
 
     sets = data.synthetic_splits(n_images=400, captions_per_image=5, image_dim=24, text_dim=40, val_images=80,
                                  test_images=10, noise=0.5, seed=0)
@@ -315,8 +318,8 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
 
     specs = [spec(3e-3, 0.05, 0.1), spec(1e-2, 0.1, 0.0), spec(1e38, 0.07, 0.2), spec(1e-3, 0.2, 0.3)]
     hooks = [(), (_prune_at(1),), (), ()]
-    _, bundled = fit.fit_bundle(Programs().bundle_init_fn(specs[0], 4)(*bundle_args(specs, [0, 1, 2, 3])[1:]), train_d, val_d, num_epochs=3, patience=3,
-                                  hooks=hooks, ks=(1, 5))
+    states = fresh_states(program_key(specs[0]), stack([hparams(s, i) for i, s in enumerate(specs)]))
+    _, bundled = fit.fit_bundle(states, train_d, val_d, num_epochs=3, patience=3, hooks=hooks, ks=(1, 5))
     assert bundled[1].stopped == "pruned" and [h["epoch"] for h in bundled[1].history] == [0, 1]
     assert bundled[2].stopped.startswith("diverged") and not bundled[2].history
     for i in (0, 1, 3):
@@ -329,15 +332,15 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
                                    atol=0.02)
         assert bundled[i].best_epoch == alone.best_epoch or abs(bundled[i].best_r1 - alone.best_r1) < 0.02
         jax.tree.map(lambda b, a: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4), bundled[i].best_params,
-                     jax.device_get(alone.best_params))
+                     alone.best_params)
 
 
 def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself(monkeypatch):
     """Only a non-finite loss or non-finite outputs are divergence ("lower learning_rate"); any other
     error in the evaluation goes up unchanged, so a trial's fail_reason says what it was."""
-    from xclip_jax import step
-    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
-    from xclip_jax.step import RunSpec, TrainingDiverged, create_train_state
+    from xclip_jax import encode
+    from xclip_jax.spec import HeadSpec, LossSpec, RunSpec, TrainingSpec
+    from xclip_jax.step import TrainingDiverged, create_train_state
 
     sets = data.synthetic_splits(n_images=100, captions_per_image=2, image_dim=8, text_dim=12, val_images=20,
                                  test_images=10, seed=0)
@@ -345,7 +348,7 @@ def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself
     def broken(*args, **kwargs):
         raise ValueError("top_k 60 is more than the 20 images")
 
-    monkeypatch.setattr(step, "summarise", broken)
+    monkeypatch.setattr(encode, "summarise", broken)
     spec = RunSpec(HeadSpec("linear", 8), LossSpec(), TrainingSpec(batch_size=32), 8, 12)
     with pytest.raises(ValueError, match="top_k 60") as e:
         fit.fit(create_train_state(spec, seed=0), to_device(sets["train"]), to_device(sets["val"]), num_epochs=1,

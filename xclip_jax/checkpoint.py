@@ -113,7 +113,7 @@ class TrainedHeads:
         return self._encode("text", x, self.text_dim)
 
     def _encode(self, side, x, dim):
-        from xclip_jax.step import encode
+        from xclip_jax.encode import encode
 
         x = np.asarray(x, np.float32)
         if x.ndim != 2 or x.shape[1] != dim:
@@ -129,11 +129,11 @@ def restore(directory: str | Path) -> TrainedHeads:
       >>> z = heads.encode_images(image_embeddings)   # [n, output_dim], unit norm
     """
     from xclip_jax.config import TrainConfig, build
-    from xclip_jax.step import RunSpec
+    from xclip_jax.spec import RunSpec
 
     params, meta = load_raw(directory)
     config = build(TrainConfig, meta["config"])
-    spec = RunSpec(config.model, config.loss, config.training, meta["image_dim"], meta["text_dim"])
+    spec = RunSpec.of(config, meta["image_dim"], meta["text_dim"])
     return TrainedHeads(config=config, image_dim=meta["image_dim"], text_dim=meta["text_dim"], meta=meta,
                         params=params, spec=spec)
 

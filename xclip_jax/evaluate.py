@@ -25,7 +25,8 @@ def write_evaluation(cfg, spec, params, sets: dict, out_dir: Path) -> dict:
     set (val when there is none) the features (``save_features``) and pictures
     (``visualization_samples``) the config asks for. Returns ``{split: metrics}``."""
     from xclip_jax.metrics import retrieval_metrics_indexed
-    from xclip_jax.step import project, to_device
+    from xclip_jax.encode import project
+    from xclip_jax.step import to_device
 
     ev = cfg.evaluation
     shown = "test" if "test" in sets else "val"

@@ -1,10 +1,10 @@
-"""The fit loop: one trial, or a bundle of same-shape trials trained in one program.
+"""The fit loop: a bundle of members trained in one program (a single trial is a bundle of one).
 
-``fit`` trains one state with early stopping on validation R@1, keeping one :class:`FitState` (the
-next epoch, the best epoch and its params, the history) that it returns and that a resumed run
-hands back; what happens after each epoch is a list of small hooks. ``fit_bundle`` runs the same
-loop over K members stacked on a leading axis (``batch_trials``), each with its own hooks, patience
-and best. The training CLI (``train``) and every tuning trial (``runner``) run this loop.
+``fit_bundle`` trains K members stacked on a leading axis with early stopping on validation R@1,
+each with its own :class:`FitState` (the next epoch, the best epoch and its params, the history),
+hooks and patience; what happens after each epoch is a list of small hooks. ``fit`` is that loop
+for one trial's state (no member axis): it hands back one FitState, which a resumed run passes in
+again. The training CLI (``train``) and every tuning trial (``runner``) run this loop.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from xclip_jax.encode import member_metrics
+from xclip_jax.model import count, member, real_key, unpad
 from xclip_jax.programs import Programs
-from xclip_jax.step import NotFinite, TrainState, run_bundle_eval, run_eval
+from xclip_jax.step import TrainState
 
 # A hook runs after each epoch: hook(record, fit_state, train_state) -> a reason to stop, or None.
 # `record` is the epoch's entry of the history (a hook may add to it); `fit_state` already counts it.
@@ -32,7 +34,7 @@ class FitState:
     Attributes:
       epoch: the next epoch to train. history: one record per trained epoch.
       best_epoch, best_r1, best_params: the best validation R@1 so far, its epoch and its params
-        (a device copy, safe from donation; None before the first epoch).
+        (on the host, at the trial's real widths; None before the first epoch).
       stopped: why the fit ended ("completed", "early_stopping", or what a hook said).
       compile_seconds: getting the fit's compiled programs (compiling them, unless kept or compiled
         ahead), this run.
@@ -68,46 +70,16 @@ class FitState:
         return sum(h.get("eval_time", 0.0) for h in self.history)
 
 
-class _Single:
-    """One trial: its state and its three programs (epoch, evaluation, params copy)."""
-
-    def __init__(self, state: TrainState, train_data, val_data, programs: Programs):
-        self.state, self.train_data, self.val_data = state, train_data, val_data
-        self.epoch_fn = programs.epoch_fn(state, train_data)
-        self.eval_fn = programs.eval_fn(state.spec, state.params, val_data)
-        self.copy_fn = programs.copy_fn(state.params)
-        self.best = None
-
-    def run_epoch(self, active: list[bool]) -> list[dict]:
-        self.state, metrics = self.epoch_fn(self.state, self.train_data)
-        return [jax.device_get(metrics)]
-
-    def evaluate(self, ks) -> list[dict | None]:
-        try:
-            return [run_eval(self.eval_fn, self.state.params, self.val_data, ks)]
-        except NotFinite:  # diverged params; any other error is the trial's own and goes up as itself
-            return [None]
-
-    def keep_best(self, improved: list[bool]) -> None:
-        if improved[0]:
-            self.best = self.copy_fn(self.state.params)
-
-    def best_params(self, member: int):
-        return self.best
-
-    def member_state(self, member: int):
-        return self.state
-
-
-class _Bundle:
-    """K same-shape trials on a leading member axis: one epoch program, one evaluation, one best-keeper."""
+class _Members:
+    """A bundle's members (a single trial is one) and their three programs: one epoch, one validation,
+    and the best params of each kept on the host, unpadded (what its checkpoint stores)."""
 
     def __init__(self, states: TrainState, train_data, val_data, programs: Programs):
         self.state, self.train_data, self.val_data = states, train_data, val_data
-        self.epoch_fn = programs.bundle_epoch_fn(states, train_data)
-        self.eval_fn = programs.bundle_eval_fn(states.spec, states.params, val_data)
-        self.keep_fn = programs.keep_best_fn(states.params)
-        self.best = None
+        self.epoch_fn = programs.epoch_fn(states, train_data)
+        self.eval_fn = programs.eval_fn(states.key, count(states.hp), val_data)
+        hp = jax.device_get(states.hp)
+        self.real = [real_key(states.key, member(hp, i)) for i in range(count(hp))]
 
     def run_epoch(self, active: list[bool]) -> list[dict]:
         self.state, metrics = self.epoch_fn(self.state, self.train_data, np.asarray(active))
@@ -115,18 +87,15 @@ class _Bundle:
         return [{k: v[i] for k, v in metrics.items()} for i in range(len(active))]
 
     def evaluate(self, ks) -> list[dict | None]:
-        return run_bundle_eval(self.eval_fn, self.state.params, self.val_data, ks)
+        return member_metrics(self.eval_fn, self.state.params, self.state.hp, self.val_data, ks)
 
-    def keep_best(self, improved: list[bool]) -> None:
-        if any(improved):
-            self.best = self.keep_fn(self.state.params if self.best is None else self.best, self.state.params,
-                                     np.asarray(improved))
+    def best_params(self, i: int) -> dict:
+        """Member ``i``'s params now, on the host and at its real widths."""
+        params = jax.device_get(member(self.state.params, i))
+        return {**unpad(params, self.real[i]), "loss": params["loss"]}
 
-    def best_params(self, member: int):
-        return jax.tree.map(lambda x: np.asarray(x[member]), self.best)
-
-    def member_state(self, member: int):
-        return None  # a member's hooks get its record and fit state, not a slice of the stacked state
+    def member_state(self, i: int) -> TrainState:
+        return member(self.state, i)
 
 
 def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epochs: int, patience: int, ks,
@@ -150,7 +119,7 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
         evals = trainer.evaluate(ks)
         eval_time = time.perf_counter() - t1
         n_active = sum(active)
-        improved, records = [False] * len(states), {}
+        records = {}
         for i, fs in enumerate(states):
             if not active[i]:
                 continue
@@ -166,8 +135,7 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
             fs.history.append(records[i])
             fs.epoch = epoch + 1
             if val["r1"] > fs.best_r1:
-                fs.best_r1, fs.best_epoch, improved[i] = val["r1"], epoch, True
-        trainer.keep_best(improved)
+                fs.best_r1, fs.best_epoch, fs.best_params = val["r1"], epoch, trainer.best_params(i)
         for i, record in records.items():
             fs = states[i]
             reason = next((r for r in (hook(record, fs, trainer.member_state(i)) for hook in hooks[i]) if r), None)
@@ -177,58 +145,51 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
             r = records[0]
             bar.set_postfix(loss=f"{r['train_loss']:.4f}", val_r1=f"{r['val_r1']:.4f}", best=f"{states[0].best_r1:.4f}")
     bar.close()
-    for i, fs in enumerate(states):
+    for fs in states:
         fs.stopped = fs.stopped or "completed"
-        if fs.best_epoch >= 0:
-            fs.best_params = trainer.best_params(i)
 
 
-def fit(state: TrainState, train_data, val_data, fit_state: FitState | None = None, *, num_epochs: int,
-        patience: int, hooks=(), ks=(1, 5, 10, 50), progress: bool = True,
-        programs: Programs | None = None) -> tuple[TrainState, FitState]:
-    """Train until ``num_epochs``, ``patience`` epochs without a better validation R@1 (the mean of
-    i2t and t2i R@1), or a hook's reason to stop.
+def fit_bundle(states: TrainState, train_data, val_data, fit_states: list | None = None, *, num_epochs: int,
+               patience: int, hooks: list[tuple], ks=(1, 5, 10, 50), progress: bool = False,
+               programs: Programs | None = None) -> tuple[TrainState, list[FitState]]:
+    """Train the members of a bundle (stacked states: ``step.fresh_states``) until ``num_epochs``,
+    ``patience`` epochs without a better validation R@1 (the mean of i2t and t2i R@1), or a hook's
+    reason to stop: one epoch program and one validation for all of them, each member with its own
+    hooks, patience, best epoch and params. A member whose loss or outputs go NaN or infinite stops
+    with ``stopped`` = "diverged at epoch N" (its best epoch, if any, kept) while the others go on; a
+    stopped member's state changes no more.
 
     Args:
-      state: the initial (or resumed) train state; it is donated.
-      train_data, val_data: ``DeviceData`` sets.
+      states: the members' initial (or resumed) states, donated. train_data, val_data: ``DeviceData``.
+      fit_states: where each member left off (default: a fresh start).
       num_epochs, patience: the length of the fit, and the epochs without a better R@1 that stop it.
-      fit_state: where a resumed run left off (default: a fresh start).
-      hooks: called after every epoch, in order (see ``Hook``).
+      hooks: each member's, called after every epoch in order (see ``Hook``).
       ks: the Recall@K cut-offs of the validation metrics.
       programs: where the compiled programs are kept (a warm runner's); default: a new one.
-
-    Returns:
-      ``(state, fit_state)``: the final train state and the fit state; a loss or outputs that went NaN
-      or infinite end the fit with ``stopped`` = "diverged at epoch N" (its best epoch, if any, kept).
-    """
-    fs = fit_state if fit_state is not None else FitState()
-    fs.stopped = None
-    best_before = fs.best_params
-    t0 = time.perf_counter()
-    # Every program up front (one for all epochs, one evaluation, one params copy): compile time is
-    # measured apart from training, and kept programs cost nothing.
-    trainer = _Single(state, train_data, val_data, programs if programs is not None else Programs())
-    fs.compile_seconds += time.perf_counter() - t0
-    trainer.best = best_before
-    _fit_members(trainer, [fs], [tuple(hooks)], num_epochs=num_epochs, patience=patience, ks=ks, progress=progress)
-    return trainer.state, fs
-
-
-def fit_bundle(states: TrainState, train_data, val_data, *, num_epochs: int, patience: int, hooks: list[tuple],
-               ks=(1, 5, 10, 50), programs: Programs | None = None) -> tuple[TrainState, list[FitState]]:
-    """``fit`` for K same-shape trials at once (a stacked state from ``step.create_bundle_state``):
-    one epoch program and one evaluation for all of them, each member with its own hooks, patience,
-    best epoch and params. A member whose loss goes NaN stops with ``stopped`` = "diverged at epoch
-    N" while the others go on; a stopped member's state changes no more.
 
     Returns:
       ``(states, fit_states)``: the final stacked states and each member's FitState.
     """
     size = len(hooks)
+    fit_states = fit_states or [FitState() for _ in range(size)]
     t0 = time.perf_counter()
-    trainer = _Bundle(states, train_data, val_data, programs if programs is not None else Programs())
-    compile_seconds = time.perf_counter() - t0
-    fit_states = [FitState(compile_seconds=compile_seconds / size) for _ in range(size)]
-    _fit_members(trainer, fit_states, hooks, num_epochs=num_epochs, patience=patience, ks=ks, progress=False)
+    # Every program up front (one for all epochs, one validation): compile time is measured apart
+    # from training, and kept programs cost nothing.
+    trainer = _Members(states, train_data, val_data, programs if programs is not None else Programs())
+    for fs in fit_states:
+        fs.stopped = None
+        fs.compile_seconds += (time.perf_counter() - t0) / size
+    _fit_members(trainer, fit_states, hooks, num_epochs=num_epochs, patience=patience, ks=ks, progress=progress)
     return trainer.state, fit_states
+
+
+def fit(state: TrainState, train_data, val_data, fit_state: FitState | None = None, *, num_epochs: int,
+        patience: int, hooks=(), ks=(1, 5, 10, 50), progress: bool = True,
+        programs: Programs | None = None) -> tuple[TrainState, FitState]:
+    """``fit_bundle`` for one trial's state (``step.create_train_state``: no member axis), as a
+    bundle of one: its hooks see its state, and it hands back ``(state, fit_state)``; a resumed run
+    passes ``fit_state`` back in."""
+    states, (fs,) = fit_bundle(jax.tree.map(lambda x: x[None], state), train_data, val_data, [fit_state or FitState()],
+                               num_epochs=num_epochs, patience=patience, hooks=[tuple(hooks)], ks=ks,
+                               progress=progress, programs=programs)
+    return member(states, 0), fs

@@ -30,6 +30,7 @@ from xclip_jax.errors import mask_secrets
 RESULT_FD_ENV = "XCLIP_RESULT_FD"  # the pipe a worker writes its results to (stdout and stderr go to logs)
 PARENT_ENV = "XCLIP_POOL_PID"  # the driver: a worker ends when it does
 MEMORY_ENV = "XCLIP_MEMORY_LIMIT_BYTES"  # the worker's address-space cap
+INDEX_ENV = "XCLIP_WORKER_INDEX"  # how many workers the pool started before this one
 NEVER_STARTED = "its worker ended before it started"
 
 
@@ -198,6 +199,7 @@ class Pool:
         read_fd, write_fd = os.pipe()
         env[RESULT_FD_ENV] = str(write_fd)
         env[PARENT_ENV] = str(os.getpid())
+        env[INDEX_ENV] = str(self.started_workers)
         if self.memory_limit_bytes:
             env[MEMORY_ENV] = str(int(self.memory_limit_bytes))
         try:

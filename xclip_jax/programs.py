@@ -1,9 +1,11 @@
-"""The compiled programs of training, compiled ahead of time, keyed on static shapes only, and kept.
+"""The compiled programs of training, compiled ahead of time, keyed on what they are built for, and kept.
 
-A warm trial runner keeps one :class:`Programs` for all its trials, so a trial whose shapes it has
-seen compiles nothing, and it can compile its next trial's programs in another thread while the
-current one trains. The training CLI's fit uses one too (its epoch, evaluation and params copy; its state comes from
-``step.create_train_state``).
+Three programs train any bundle of members (a single trial is a bundle of one): the state's
+initialisation (keyed on the heads alone), the epoch (on the whole ``ProgramKey``) and the
+validation (on the heads and their dtype), each also on the member count and the data's shapes.
+A warm trial runner keeps one :class:`Programs` for all its trials, so a trial whose key it has seen
+compiles nothing, and it can compile the programs of its next trials in another thread while the
+current one trains. The training CLI's fit uses the same three.
 """
 
 from __future__ import annotations
@@ -13,28 +15,16 @@ import time
 import weakref
 
 import jax
-import jax.numpy as jnp
 
+from xclip_jax.encode import evaluate_members
 from xclip_jax.metrics import DEFAULT_CHUNK_SIZE
-from xclip_jax.step import (
-    DeviceData,
-    RunSpec,
-    TrainState,
-    _bundle_eval_program,
-    _eval_program,
-    _fresh_bundle,
-    _fresh_state,
-    bundle_args,
-    run_bundle_epoch,
-    run_epoch,
-    state_args,
-)
+from xclip_jax.model import HParams, hparams, stack
+from xclip_jax.spec import ProgramKey, RunSpec
+from xclip_jax.step import DeviceData, TrainState, _init_program, fresh_states, run_epochs
 
-_copy_params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-
-# What a program that runs briefly (state init, the evaluation, a params copy) is compiled with on a
-# CPU: most of XLA's optimisations off. They cost much of its compile time and little of its run
-# time; the epoch program, which runs for the whole trial, keeps them (see benchmarks/RESULTS.md).
+# What a program that runs briefly (state init, the evaluation) is compiled with on a CPU: most of
+# XLA's optimisations off. They cost much of its compile time and little of its run time; the epoch
+# program, which runs for the whole trial, keeps them (see benchmarks/RESULTS.md).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -137,76 +127,43 @@ class Programs:
                 del self._pending[key]
             compiling.done.set()
 
-    def init_fn(self, spec: RunSpec):
-        """The state-init program of ``spec``: ``init_fn(*state_args(spec, seed)[1:])`` is
-        ``create_train_state(spec, seed)``."""
-        static_spec = spec.static()
-        return self._get(("init", static_spec), lambda: _fresh_state.lower(*state_args(spec, 0)), fast=True)
+    def init_fn(self, key: ProgramKey, members: int):
+        """The initialisation of ``members`` members of ``key``'s heads: ``init_fn(hp_K)`` gives
+        ``(params, opt_state, rng)`` for ``step.fresh_states``."""
+        init = key.init()
+        hp = _abstract(_example_hparams(members))
+        return self._get(("init", init, members), lambda: _init_program.lower(init, hp), fast=True)
 
-    def epoch_fn(self, state: TrainState, data: DeviceData):
-        """``run_epoch`` compiled for these shapes (``state`` may be abstract)."""
-        key = ("epoch", state.spec, _shape_key((state, data)))
-        return self._get(key, lambda: run_epoch.lower(_abstract(state), _abstract(data)), fast=False)
+    def epoch_fn(self, states: TrainState, data: DeviceData):
+        """``step.run_epochs`` compiled for these states and data (``states`` may be abstract)."""
+        active = jax.ShapeDtypeStruct((_members(states),), bool)
+        return self._get(("epoch", states.key, _shape_key((states, data))),
+                         lambda: run_epochs.lower(_abstract(states), _abstract(data), active), fast=False)
 
-    def eval_fn(self, spec: RunSpec, params, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        """The evaluation program (``params`` may be abstract); run it with :func:`run_eval`."""
-        spec = spec.heads_only()  # it depends on the heads alone, not on the loss or the optimiser
-        return self._get(("eval", spec, chunk_size, _shape_key((params, data))),
-                         lambda: _eval_program.lower(spec, _abstract(params), _abstract(data), chunk_size), fast=True)
+    def eval_fn(self, key: ProgramKey, members: int, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        """The validation of ``members`` members of ``key``'s heads on ``data``: ``eval_fn(params_K, hp_K,
+        data)``, read with ``encode.member_metrics``."""
+        heads = key.heads()  # it depends on the heads alone, not on the loss or the optimiser
+        states = jax.eval_shape(lambda: fresh_states(key, _example_hparams(members)))
+        return self._get(("eval", heads, members, chunk_size, _shape_key(data)),
+                         lambda: evaluate_members.lower(heads, states.params, states.hp, _abstract(data),
+                                                        chunk_size=chunk_size), fast=True)
 
-    def copy_fn(self, params):
-        """A program that copies ``params`` (safe from the next epoch's donation)."""
-        return self._get(("copy", _shape_key(params)), lambda: _copy_params.lower(_abstract(params)), fast=True)
-
-    # -- bundles: K same-shape trials in one program (a leading member axis) ----------------
-
-    def bundle_init_fn(self, spec: RunSpec, size: int):
-        """The init program of a bundle of ``size`` members of ``spec``'s shapes."""
-        return self._get(("bundle_init", spec.static(), size),
-                         lambda: _fresh_bundle.lower(*bundle_args([spec] * size, range(size))), fast=True)
-
-    def bundle_epoch_fn(self, states: TrainState, data: DeviceData):
-        """``run_bundle_epoch`` compiled for these shapes (``states`` may be abstract)."""
-        size = jax.tree.leaves(states)[0].shape[0]
-        key = ("bundle_epoch", states.spec, _shape_key((states, data)))
-        return self._get(key, lambda: run_bundle_epoch.lower(_abstract(states), _abstract(data),
-                                                             jax.ShapeDtypeStruct((size,), bool)), fast=False)
-
-    def bundle_eval_fn(self, spec: RunSpec, params_K, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        """The evaluation of every member at once; run it with ``step.run_bundle_eval``."""
-        spec = spec.heads_only()
-        return self._get(("bundle_eval", spec, chunk_size, _shape_key((params_K, data))),
-                         lambda: _bundle_eval_program.lower(spec, _abstract(params_K), _abstract(data), chunk_size),
-                         fast=True)
-
-    def keep_best_fn(self, params_K):
-        """``keep_best(best_K, params_K, improved_K)``: each member's best params so far."""
-        size = jax.tree.leaves(params_K)[0].shape[0]
-        return self._get(("keep_best", _shape_key(params_K)),
-                         lambda: _keep_best.lower(_abstract(params_K), _abstract(params_K),
-                                                  jax.ShapeDtypeStruct((size,), bool)), fast=True)
-
-    def prepare(self, spec: RunSpec, data: DeviceData, val_data: DeviceData, size: int = 1) -> None:
-        """Compile every program a trial (``size`` 1) or a bundle of ``spec`` on these sets needs,
-        without running any: what a runner does for its next job while the current one trains."""
-        if size > 1:
-            self.bundle_init_fn(spec, size)
-            states = jax.eval_shape(lambda *a: _fresh_bundle(spec.static(), *a),
-                                    *bundle_args([spec] * size, range(size))[1:])
-            self.bundle_epoch_fn(states, data)
-            self.bundle_eval_fn(spec, states.params, val_data)
-            self.keep_best_fn(states.params)
-            return
-        args = state_args(spec, 0)
-        self.init_fn(spec)
-        state = jax.eval_shape(lambda *a: _fresh_state(args[0], *a), *args[1:])
-        self.epoch_fn(state, data)
-        self.eval_fn(spec, state.params, val_data)
-        self.copy_fn(state.params)
+    def prepare(self, key: ProgramKey, members: int, data: DeviceData, val_data: DeviceData) -> None:
+        """Compile every program a bundle of ``members`` of ``key`` on these sets needs, without running
+        any: what a runner does for its next job while the current one trains."""
+        self.init_fn(key, members)
+        states = jax.eval_shape(lambda: fresh_states(key, _example_hparams(members)))
+        self.epoch_fn(states, data)
+        self.eval_fn(key, members, val_data)
 
 
-@jax.jit
-def _keep_best(best_K, params_K, improved_K):
-    # Not donated: the first call passes the params themselves as the best so far.
-    return jax.tree.map(lambda b, p: jnp.where(improved_K.reshape((-1,) + (1,) * (p.ndim - 1)), p, b),
-                        best_K, params_K)
+def _members(tree) -> int:
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _example_hparams(members: int) -> HParams:
+    """Host hyperparameters of ``members`` members: their shapes and dtypes are every trial's."""
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+
+    return stack([hparams(RunSpec(HeadSpec(), LossSpec(), TrainingSpec(), 2, 2), 0)] * members)

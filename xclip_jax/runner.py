@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +27,12 @@ from xclip_jax.errors import cli, disk_full, exception_line
 # study's answer must not be a configuration whose own training blew up (its final run, same seed,
 # would end in the same error). One that diverged before any finite epoch is FAIL. Measured on the
 # real set: benchmarks/RESULTS.md.
+
+
+# The study's warm-up compiles every program key of its space when there are at most this many (a
+# space padded to its largest widths has a key per head, loss and batch size; an unpadded one, far
+# more: then each trial compiles its own, and the next job's ahead of it).
+WARM_UP_KEYS = 48
 
 
 def report_and_prune(trial, num_epochs: int, parent: int):
@@ -55,6 +62,8 @@ class Runner:
 
         from xclip_jax import study as st
         from xclip_jax.data import read_cache
+        from xclip_jax.padding import study_buckets
+        from xclip_jax.pool import INDEX_ENV
         from xclip_jax.programs import Programs
         from xclip_jax.runtime import STORAGE_ENV
         from xclip_jax.step import to_device
@@ -83,13 +92,47 @@ class Runner:
         self.trials_run = 0
         self.prepared: dict[int, tuple] = {}  # trial id -> what compiling it ahead cost (another thread)
         self.cca_cache: dict = {}  # (head type, output dim) -> the CCA start of this study's training set
+        self.buckets = study_buckets(cfg)  # what each trial's widths pad to: its program's key
+        self.warmed = [0, 0, 0.0]  # compiled by the study's warm-up and not yet counted to a trial
+        self.lock = threading.Lock()
+        if self.ahead and os.environ.get(INDEX_ENV) == "0":  # the pool's first runner
+            threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         spawned = float(os.environ.get("XCLIP_SPAWN_TIME", time.time()))
         self.startup_seconds = time.time() - spawned  # process start -> data on the device (first trial)
 
+    def warm_up(self) -> None:
+        """Compile the programs of the study's every program key (``space.study_keys``: its runnable
+        combinations of head, loss, batch and padded widths, when they are few) in a thread of its
+        own, before the trials need them: a later trial, runner or study of the same space then finds
+        them (kept here, or in the persistent cache). A trial that needs a program being compiled
+        waits for it; one that fails to compile fails its trial, not this."""
+        from xclip_jax import space
+
+        keys = space.study_keys(self.cfg, (self.train_set.image_dim, self.train_set.text_dim), self.train_set.rows,
+                                WARM_UP_KEYS)
+        for key in keys or ():
+            before = self.programs.counters()
+            try:
+                self.programs.prepare(key, self.cfg.batch_trials, self.train_data, self.val_data)
+            except Exception:  # noqa: BLE001 - the trial that needs the program meets it as its own error
+                return
+            with self.lock:
+                self.warmed = [w + after - b for w, after, b in zip(self.warmed, self.programs.counters(), before)]
+
     def _spec(self, trial_cfg):
-        from xclip_jax.step import RunSpec
+        from xclip_jax.spec import RunSpec
 
         return RunSpec.of(trial_cfg, self.train_set.image_dim, self.train_set.text_dim)
+
+    def _key(self, specs: list):
+        """The one program key of a job's trials (a bundle's members must share it)."""
+        from xclip_jax.padding import program_key
+
+        keys = {program_key(spec, self.buckets) for spec in specs}
+        if len(keys) > 1:
+            raise ValueError(f"a bundle's members must share one program (head, loss, batch, dtype, padded widths); "
+                             f"got {len(keys)}")
+        return keys.pop()
 
     def prepare(self, tids: list[int]) -> None:
         """Compile a job's programs (in the job reader's thread, while another job trains)."""
@@ -100,7 +143,7 @@ class Runner:
 
         before = self.programs.counters()
         spec = self._spec(trial_config(self.cfg, st.trial_params(self.study, tids[0])))
-        self.programs.prepare(spec, self.train_data, self.val_data, size=len(tids))
+        self.programs.prepare(self._key([spec]), len(tids), self.train_data, self.val_data)
         self.prepared[tids[0]] = tuple(a - b for a, b in zip(self.programs.counters(), before))
 
     def _open(self, trial, lead: int, size: int):
@@ -135,9 +178,10 @@ class Runner:
         from xclip_jax import study as st
         from xclip_jax.baselines import with_head_init
         from xclip_jax.config import to_dict
-        from xclip_jax.fit import fit, fit_bundle
+        from xclip_jax.fit import fit_bundle
+        from xclip_jax.model import hparams, stack
         from xclip_jax.pool import rss_bytes
-        from xclip_jax.step import TrainingDiverged, bundle_args, state_args
+        from xclip_jax.step import TrainingDiverged, fresh_states
 
         t_start = time.perf_counter()
         study, programs, size = self.study, self.programs, len(tids)
@@ -149,21 +193,19 @@ class Runner:
         training = cfgs[0].training
         try:
             specs = [self._spec(c) for c in cfgs]
+            key = self._key(specs)
             t0 = time.perf_counter()
-            init_fn = programs.init_fn(specs[0]) if size == 1 else programs.bundle_init_fn(specs[0], size)
+            init_fn = programs.init_fn(key, size)
             init_compile = time.perf_counter() - t0
-            args = state_args(specs[0], cfgs[0].seed) if size == 1 else bundle_args(specs, [c.seed for c in cfgs])
-            state = with_head_init(init_fn(*args[1:]), [c.model for c in cfgs], self.train_set, self.cca_cache)
+            hp = stack([hparams(spec, c.seed) for spec, c in zip(specs, cfgs)])
+            state = with_head_init(fresh_states(key, hp, init_fn), [c.model for c in cfgs], self.train_set,
+                                   self.cca_cache)
             jax.block_until_ready(state)
             setup = time.perf_counter() - t_start - init_compile
             hooks = [(report_and_prune(t, training.num_epochs, self.parent),) for t in trials]
-            common = dict(num_epochs=training.num_epochs, patience=training.patience,
-                          ks=tuple(cfgs[0].evaluation.top_k), programs=programs)
-            if size == 1:
-                state, fs = fit(state, self.train_data, self.val_data, hooks=hooks[0], progress=False, **common)
-                fit_states = [fs]
-            else:
-                state, fit_states = fit_bundle(state, self.train_data, self.val_data, hooks=hooks, **common)
+            state, fit_states = fit_bundle(state, self.train_data, self.val_data, num_epochs=training.num_epochs,
+                                           patience=training.patience, hooks=hooks,
+                                           ks=tuple(cfgs[0].evaluation.top_k), programs=programs)
             for trial, (train_cfg, out), fs in zip(trials, opened, fit_states):
                 if fs.best_params is not None:
                     # one checkpoint per trial, the best epoch's (pruned ones, and ones that diverged
@@ -180,15 +222,17 @@ class Runner:
                 study.tell(trial.number, state=TrialState.FAIL)
             raise SystemExit(1)  # this process's state is not trusted for another trial
         ahead = self.prepared.pop(tids[0], (0, 0, 0.0))  # compiled for this job while the previous one trained
-        compiled, hits, _ = (after - before + early for after, before, early
-                             in zip(programs.counters(), compiled_before, ahead))
+        with self.lock:  # and the study's warm-up's compiles since the last job: the study counts them all
+            warmed, self.warmed = self.warmed, [0, 0, 0.0]
+        compiled, hits, _ = (after - before + early + warm for after, before, early, warm
+                             in zip(programs.counters(), compiled_before, ahead, warmed))
         runner_startup, self.startup_seconds = self.startup_seconds, 0.0
         shared = {  # the job's costs, each member its share
             # spawn -> data on the device for a runner's first job, then the job's own set-up
             "startup_seconds": (runner_startup + setup) / size,
-            "compile_seconds": (init_compile + fit_states[0].compile_seconds * (1 if size == 1 else size)) / size,
-            "programs_compiled": compiled / size if size > 1 else compiled,
-            "compile_cache_hits": hits / size if size > 1 else hits,
+            "compile_seconds": (init_compile + sum(fs.compile_seconds for fs in fit_states)) / size,
+            "programs_compiled": compiled / size,
+            "compile_cache_hits": hits / size,
         }
         states = []
         for trial, fs in zip(trials, fit_states):

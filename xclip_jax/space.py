@@ -12,14 +12,18 @@ import logging
 import optuna
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import DATA_FIELDS, fit_problems
-from xclip_jax.tune_config import PARAM_PATHS, SECTION_TYPES, ParamSpace, TuneConfig, condition, trial_config
+from xclip_jax.padding import WIDTH_FIELDS, program_key, study_buckets
+from xclip_jax.spec import STATIC_FIELDS, RunSpec, fit_problems
+from xclip_jax.tune_config import (
+    PARAM_PATHS,
+    SECTION_TYPES,
+    ParamSpace,
+    TuneConfig,
+    condition,
+    trial_config,
+)
 
 SPACE_ATTR = "xclip_search_space"
-# The searchable parameters that are data in the train state, not static shapes: trials that differ
-# only in them can train in one program (batch_trials).
-DATA_PARAMS = frozenset(name for name, (section, key) in PARAM_PATHS.items()
-                        if key in DATA_FIELDS[SECTION_TYPES[section].__name__])
 SKIPPED_ATTR = "xclip_skipped"  # a sampled combination that can't run: told PRUNED at once, not counted
 log = logging.getLogger("xclip_jax.tune")
 
@@ -71,6 +75,31 @@ def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
     return _walk(cfg, lambda name, space: suggest(trial, name, space))
 
 
+def key_params(cfg: TuneConfig, dims: tuple[int, int]) -> frozenset:
+    """The searchable parameters that decide a trial's compiled program: the static ones (head and loss
+    types, batch size, dtype) and the widths whose values pad to more than one bucket under the
+    study's padding. Trials that agree on these train in one program (``batch_trials``)."""
+    buckets = study_buckets(cfg)
+    static = {name for name, (section, key) in PARAM_PATHS.items()
+              if key in STATIC_FIELDS[SECTION_TYPES[section].__name__]}
+    return frozenset(static | {field for field in WIDTH_FIELDS if buckets.spread(field, dims)})
+
+
+def study_keys(cfg: TuneConfig, dims: tuple[int, int], rows: int, limit: int) -> list | None:
+    """The program keys the study's trials can have (every runnable combination of the parameters that
+    decide a program), in a fixed order; None when there are more than ``limit``."""
+    names = sorted(key_params(cfg, dims) & set(cfg.search_space))
+    combos = list(itertools.product(*(cfg.search_space[n].values() for n in names)))
+    if len(combos) > 4 * limit:
+        return None
+    buckets, keys = study_buckets(cfg), {}
+    for picked in combos:
+        values = dict(zip(names, picked))
+        if combination_problem(values, cfg, dims, rows) is None:
+            keys.setdefault(program_key(RunSpec.of(trial_config(cfg, values), *dims), buckets), None)
+    return sorted(keys, key=str) if len(keys) <= limit else None
+
+
 # ----------------------------------------------------------------------------- combinations vs the data
 
 # The parameters that ``spec.fit_problems`` reads: their combinations (with the data) can make a
@@ -86,14 +115,6 @@ def combination_problem(values: dict, cfg: TuneConfig, dims: tuple[int, int], ro
     return next(iter(errors + warnings), None)
 
 
-def _values(space: ParamSpace) -> list:
-    if space.type == "categorical":
-        return list(space.choices)
-    if space.type == "int" and (space.high - space.low) / (space.step or 1) <= 256:
-        return list(range(int(space.low), int(space.high) + 1, int(space.step or 1)))
-    return [space.low, space.high]
-
-
 def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str | None:
     """Check every choice against the data and the other choices, before anything is stored.
 
@@ -106,7 +127,7 @@ def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str
         involved += [d for d in (condition(name, cfg.search_space[name]) or {})
                      if d in cfg.search_space and d not in involved]
     combos = {}
-    for picked in itertools.product(*(_values(cfg.search_space[n]) for n in involved)):
+    for picked in itertools.product(*(cfg.search_space[n].values() for n in involved)):
         full = dict(zip(involved, picked))
         active = {n: v for n, v in _walk(cfg, lambda name, _: full.get(name)).items() if n in full}
         combos[tuple(sorted(active.items(), key=str))] = combination_problem(active, cfg, dims, rows)
@@ -115,7 +136,7 @@ def check_combinations(cfg: TuneConfig, rows: int, dims: tuple[int, int]) -> str
         raise UserError(f"search_space: no combination of the choices can run on this data ({example}); "
                         "change the choices or fixed values")
     for name in involved:
-        for choice in _values(cfg.search_space[name]):
+        for choice in cfg.search_space[name].values():
             hits = [problem for combo, problem in combos.items() if (name, choice) in combo]
             if hits and all(hits):
                 raise UserError(f"search_space.{name}: choice {choice!r} can never run here ({hits[0]}); "

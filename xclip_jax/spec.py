@@ -1,15 +1,16 @@
-"""What fixes a head, a loss and a training run: the core's specs and their allowed values.
+"""What fixes a head, a loss and a training run: the core's specs and their allowed values, and the
+key a compiled program is built for.
 
 Plain frozen dataclasses that import nothing (no jax), so that the config (which builds them
 directly from its YAML sections) and the tuning driver (which never imports jax) can use them.
 Each spec validates its own values; the config turns a ValueError into a one-line error naming
 the key.
 
-Some fields travel as *data* in the train state (dropout, temperature, learning rate, weight
-decay) or steer only the fit loop (epochs, patience): :func:`static` sets them to fixed values, and
-the step keys its compiled programs on that static form, so trials that differ only in them share
-every program. (JAX also keeps a program's output tree structure, static fields included, from its
-first trace: a spec carried in the state must therefore hold no per-trial values at all.)
+A compiled program depends on a :class:`ProgramKey` alone: the head and loss types, the data's
+dims, the batch size, the dtype and the (padded) widths. Every other value of a run (dropout,
+temperature, learning rate, weight decay, clipping, the loss switches, the number of attention
+heads, the real widths) travels as data in the train state (``model.HParams``), and the fit loop's
+counters (epochs, patience) steer the loop; trials that differ only in them share every program.
 """
 
 from __future__ import annotations
@@ -23,19 +24,9 @@ LOSS_TYPES = ("sigmoid_infonce", "softmax_infonce", "queue_infonce")
 DTYPES = ("float32", "bfloat16")
 SIGMOID_NORMALIZE = ("pairs", "batch")
 
-
-# The fields that are data (in the train state) or fit-loop counters, not part of a compiled program.
-DATA_FIELDS = {"HeadSpec": ("dropout", "init"), "LossSpec": ("temperature",),
-               "TrainingSpec": ("learning_rate", "weight_decay", "num_epochs", "patience")}
-
-
-def static(spec):
-    """``spec`` with its data fields, and the fields its type does not use, at their defaults: what a
-    compiled program may depend on (an attention head's ``hidden_dim`` changes nothing it computes,
-    so it must not make another program)."""
-    fields = set(DATA_FIELDS[type(spec).__name__]) | set(unused_fields(spec))
-    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.name in fields}
-    return dataclasses.replace(spec, **defaults)
+# The spec fields a compiled program is built for (the widths too, through their padded bucket:
+# ``padding``); every other field is data or a fit-loop counter.
+STATIC_FIELDS = {"HeadSpec": ("type",), "LossSpec": ("type",), "TrainingSpec": ("batch_size", "dtype")}
 
 
 def unused_fields(spec) -> tuple[str, ...]:
@@ -75,7 +66,8 @@ class HeadSpec:
       hidden_dim: hidden width for clip/mlp; ``None`` means ``in_dim // 2``. Unused by siglip and
         attention (as in the original).
       dropout: the dropout rate (data: carried in the train state).
-      num_heads: attention heads (attention head only; must divide both input dims).
+      num_heads: attention heads (attention head only; must divide both input dims). With one token
+        they only group the attention dropout's decisions: data.
       num_layers: attention blocks (attention head only).
       init: ``default`` (PyTorch's initialisation) or ``cca`` (linear and siglip heads: the
         projections start from the CCA solution of the training set, so epoch 0 is already at the
@@ -185,3 +177,57 @@ def fit_problems(head: HeadSpec, loss: LossSpec, training: TrainingSpec, *, imag
         warnings.append(f"loss.queue_size {loss.queue_size} is smaller than training.batch_size "
                         f"{training.batch_size}: the queue holds less than one batch of negatives; raise queue_size")
     return errors, warnings
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A run's three config sections and the input dims. Built in one line from a config:
+    ``RunSpec.of(cfg, image_dim, text_dim)``."""
+
+    head: HeadSpec
+    loss: LossSpec
+    training: TrainingSpec
+    image_dim: int
+    text_dim: int
+
+    @classmethod
+    def of(cls, cfg, image_dim: int, text_dim: int) -> RunSpec:
+        """The spec of a typed TrainConfig on inputs of these dims."""
+        return cls(cfg.model, cfg.loss, cfg.training, image_dim, text_dim)
+
+    @property
+    def batch_size(self) -> int:
+        return self.training.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    """What a compiled program is built for, and nothing else: the head and loss types, the data's
+    dims, the dtype, the batch size and the static widths, which may be padded (``padding``): a
+    trial's real widths are data. A width the head or loss does not have is 0; a key for the heads
+    alone (:meth:`heads`) has no loss and no batch.
+
+    Attributes:
+      head, loss: the types. image_dim, text_dim: the inputs.
+      output_dim: the output width. hidden: the hidden width of each side (clip, mlp).
+      num_layers: attention blocks. queue_size: the queue's slots. batch_size, dtype: the step's.
+    """
+
+    head: str
+    image_dim: int
+    text_dim: int
+    output_dim: int
+    hidden: tuple[int, int] = (0, 0)
+    num_layers: int = 0
+    dtype: str = "float32"
+    loss: str = ""
+    queue_size: int = 0
+    batch_size: int = 0
+
+    def heads(self) -> ProgramKey:
+        """The key as far as the heads go: what encoding and evaluation are built for."""
+        return dataclasses.replace(self, loss="", queue_size=0, batch_size=0)
+
+    def init(self) -> ProgramKey:
+        """What the heads' initialisation is built for (params are float32 whatever the dtype)."""
+        return dataclasses.replace(self.heads(), dtype="float32")

@@ -208,17 +208,19 @@ def find_study(storage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def ask_companions(study: optuna.Study, storage, cfg: TuneConfig, lead, count: int) -> list:
-    """Up to ``count`` trials with the lead's structural parameters (every one that fixes a static
-    shape) and the rest drawn by the sampler (learning rate, weight decay, temperature, dropout), to
-    train in one program with the lead (``batch_trials``). Each is its own Optuna trial.
+def ask_companions(study: optuna.Study, storage, cfg: TuneConfig, lead, count: int, dims: tuple[int, int]) -> list:
+    """Up to ``count`` trials with the lead's values of the parameters that decide its program
+    (``space.key_params``: head and loss types, batch size, dtype, and the widths the study's padding
+    does not bring to one bucket) and the rest drawn by the sampler, to train in one program with the
+    lead (``batch_trials``). Each is its own Optuna trial.
 
     None is asked while retries are waiting (``study.ask`` would hand out a retry's own parameters,
     of another shape): those run alone, first.
     """
     if count < 1 or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return []
-    fixed = {name: value for name, value in lead.params.items() if name not in space.DATA_PARAMS}
+    decides = space.key_params(cfg, dims)
+    fixed = {name: value for name, value in lead.params.items() if name in decides}
     base = study.sampler
     with quiet_optuna():
         study.sampler = optuna.samplers.PartialFixedSampler(fixed, base)

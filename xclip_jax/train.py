@@ -14,7 +14,8 @@ import jax
 
 from xclip_jax.baselines import with_head_init
 from xclip_jax.fit import FitState, Hook, fit
-from xclip_jax.step import TrainingDiverged, RunSpec, TrainState, create_train_state, eval_loss, to_device
+from xclip_jax.spec import RunSpec
+from xclip_jax.step import TrainingDiverged, TrainState, create_train_state, eval_loss, to_device
 
 # ----------------------------------------------------------------------------- the training CLI's hooks
 
@@ -33,7 +34,7 @@ def save_best(save) -> Hook:
 
     def hook(record, fs, state):
         if fs.improved_at(record["epoch"]):
-            save(state.params, record["epoch"], record["val_r1"])
+            save(fs.best_params, record["epoch"], record["val_r1"])
 
     return hook
 
@@ -111,7 +112,7 @@ def _resumed(resume_dir: Path, ckpt_dir: Path, state: TrainState, config: dict):
     check_resumable(saved.get("config"), config)
     state, saved = checkpoint.restore_state(resume_dir, state)
     best_params, _ = checkpoint.load_raw(ckpt_dir)
-    return jax.device_put(state), FitState.from_json(saved, jax.device_put(best_params))
+    return jax.device_put(state), FitState.from_json(saved, best_params)
 
 
 def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
@@ -141,8 +142,8 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     print(settings_line(cfg, sets["train"].image_dim, sets["train"].text_dim))
     out_dir.mkdir(parents=True, exist_ok=True)  # once the config and the data are known to be good
     train_data, val_data = to_device(sets["train"]), to_device(sets["val"])
-    state = create_train_state(RunSpec.of(cfg, sets["train"].image_dim, sets["train"].text_dim), seed=cfg.seed)
-    state = with_head_init(state, [cfg.model], sets["train"])
+    spec = RunSpec.of(cfg, sets["train"].image_dim, sets["train"].text_dim)
+    state = with_head_init(create_train_state(spec, seed=cfg.seed), [cfg.model], sets["train"])
     config = to_dict(cfg)
     resumed = _resumed(resume_dir, ckpt_dir, state, config) if resume else None
     state, fit_state = resumed if resumed else (state, None)
@@ -160,7 +161,7 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
                "epochs": len(fs.history), "compile_seconds": fs.compile_seconds, "train_seconds": fs.train_seconds()}
     if fs.best_params is not None:
         plot_curves(fs.history, fs.best_epoch, out_dir / "training_curves.png")
-        metrics = write_evaluation(cfg, state.spec, fs.best_params, sets, out_dir)
+        metrics = write_evaluation(cfg, spec, fs.best_params, sets, out_dir)
         summary["metrics"] = {"best_epoch": fs.best_epoch, "best_val_r1": fs.best_r1, **metrics}
         (out_dir / "metrics.json").write_text(json.dumps(summary["metrics"], indent=2))
     return summary

@@ -33,6 +33,7 @@ from xclip_jax.runtime import (
     host_name,
 )
 from xclip_jax.storage import make_storage, sqlite_file
+from xclip_jax.padding import resolve
 from xclip_jax.tune_config import implicit_init
 
 
@@ -160,7 +161,8 @@ class Driver:
         if self.cfg.batch_trials > 1:
             c = st.counts(self.study)
             room = self.cfg.n_trials - (c["finished"] + c["running"])
-            trials += st.ask_companions(self.study, self.storage, self.cfg, trial, min(self.cfg.batch_trials - 1, room))
+            trials += st.ask_companions(self.study, self.storage, self.cfg, trial, min(self.cfg.batch_trials - 1, room),
+                                        self.dims)
         tids = [st.trial_id(t) for t in trials]
         for t in trials:
             t.set_user_attr("driver_host", self.host)
@@ -332,7 +334,7 @@ class Driver:
 def bundle_line(numbers: list[int]) -> str:
     """The console's line for a bundle (``batch_trials``) handed to a runner."""
     return (f"bundle of {len(numbers)}: trials {', '.join(map(str, numbers))} train together in one program "
-            "(the same shapes, each its own sampled values)")
+            "(the same head, loss, batch and padded widths, each its own sampled values)")
 
 
 def _new_sqlite_file(url: str) -> bool:
@@ -358,7 +360,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     warning = st.pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    cfg, searched = implicit_init(cfg)
+    cfg, searched = implicit_init(dataclasses.replace(cfg, padding=resolve(cfg.padding)))
     if searched:
         print(searched)
     ran = cfg  # what the caller gets back: the config as given, with init searched where it is

@@ -22,6 +22,7 @@ from xclip_jax.config import (
     read_yaml,
 )
 from xclip_jax.errors import UserError
+from xclip_jax.padding import PADDINGS
 from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec
 
 # ----------------------------------------------------------------------------- the tuning config
@@ -53,6 +54,15 @@ class ParamSpace:
         if self.when is not None:
             _check(isinstance(self.when, dict) and all(isinstance(v, (list, tuple)) for v in self.when.values()),
                    "`when` maps a parameter name to a list of values, e.g. {head_type: [clip, mlp]}")
+
+    def values(self) -> list:
+        """The values it can take: its choices, an int range's every value (its ends when that is over
+        256 values), a float range's ends."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int" and (self.high - self.low) / (self.step or 1) <= 256:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        return [self.low, self.high]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +154,16 @@ class TuneConfig:
     runner_max_memory_gb: float | None = RUNNER_MAX_MEMORY_GB
     compile_ahead: bool | None = None
     batch_trials: int = 1
+    # What each trial's widths pad to in its compiled program (padding.PADDINGS); auto: the space's
+    # largest choice on a GPU, padding.CPU_PADDING on a CPU (measured: benchmarks/RESULTS.md).
+    padding: str = "auto"
     baselines: bool = True
 
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
         _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
         _check(self.batch_trials >= 1, "batch_trials must be >= 1 (1: each trial trained on its own)")
+        _check(self.padding in ("auto", *PADDINGS), f"padding must be auto, {', '.join(PADDINGS)}; got {self.padding!r}")
         _check(self.runner_max_memory_gb is None or self.runner_max_memory_gb > 0,
                "runner_max_memory_gb must be > 0 or null")
         _check(self.n_trials >= 1, "n_trials must be >= 1")
@@ -381,3 +395,4 @@ def advice_line(cfg) -> str:
     """:func:`baseline_advice` in one phrase (with a new study_name where the study can't go on)."""
     change, same_study = baseline_advice(cfg)
     return change if same_study else f"{change}, under a new study_name"
+
