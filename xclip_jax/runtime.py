@@ -68,4 +68,3 @@ def claim(folders: dict, study_name: str) -> None:
         marker = Path(folder) / MARKER
         if not marker.exists():
             marker.write_text(study_name + "\n")
-
