@@ -243,7 +243,7 @@ def main(args) -> int:
     bench_report.open_record(Path(args.out) if args.out else default_out(config, args.label))
     HEADER.update({
         "name": "header", "mode": "search", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+        "config": os.path.relpath(config, REPO),  # as run from the project root: no path of this machine
         "label": label, "overrides": dict(args.overrides), "seeds": seeds,
         "machine": gpu_description() or cpu_model(), "cpu_model": cpu_model(), "gpu": gpu_description(),
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "hostname": platform.node(),
@@ -263,7 +263,7 @@ def main(args) -> int:
             r = run_seed(raw, seed, run_dir, args.study_timeout)
             if not args.keep:
                 shutil.rmtree(run_dir, ignore_errors=True)
-                r.pop("metrics_file", None)
+            r.pop("metrics_file", None)  # a path in the study's folder; its figure is test_r1
             runs.append(r)
             record("search/seed", r.get("test_r1"), "R@1", label=label, **r)
             save()
