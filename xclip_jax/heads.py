@@ -11,7 +11,9 @@ Initialisation follows PyTorch's defaults (``nn.Linear``: weights and bias unifo
 ±1/sqrt(fan_in) of the *real* fan-in; ``nn.MultiheadAttention``: Xavier-uniform input projection,
 zero biases), drawn so that a weight's value does not depend on the padding around it: a kernel is
 drawn column by column (each output unit's key folded from the layer's), so its real block is what
-the unpadded head draws. GELU is the exact (erf) form and LayerNorm's eps is 1e-5, both as PyTorch;
+the unpadded head draws. Dropout on a padded hidden layer draws one decision per padded unit (its
+real units keep each with the same probability; drawing them unit by unit to match the unpadded
+draws exactly cost a CPU epoch about a tenth more: benchmarks/RESULTS.md). GELU is the exact (erf) form and LayerNorm's eps is 1e-5, both as PyTorch;
 LayerNorm takes two-pass statistics (over the real units only, where the width is padded).
 """
 
@@ -105,12 +107,6 @@ def dropout(module: nn.Module, x, rate, train: bool, keep_shape=None):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def _per_unit_rows(shape):
-    """A dropout mask over a padded width [B, W] drawn as [W, B]: unit u's decisions do not depend on
-    how many units follow it (the draws' counter runs over the leading axis)."""
-    return lambda key, keep: jax.random.bernoulli(key, keep, shape[::-1]).T
-
-
 def _per_head(shape, num_heads):
     """A dropout mask over [B, D] with one decision per example and attention head: the dims of head
     h (D / num_heads of them, ``num_heads`` data) all take the decision drawn at the head's first dim."""
@@ -193,7 +189,7 @@ class ClipHead(Head):
         w, in_dim = self._real(widths), x.shape[-1]
         h = torch_linear(self.hidden_dim, fan_in=in_dim, cols=w.hidden_dim, dtype=jnp.dtype(self.dtype))(x)
         h = jnp.where(_units(self.hidden_dim, w.hidden_dim), _gelu(h), 0.0)
-        h = dropout(self, h, self._rate(dropout_rate), train, _per_unit_rows(h.shape))
+        h = dropout(self, h, self._rate(dropout_rate), train)
         z = self._out(h, w.hidden_dim, rows=w.hidden_dim, w=w)
         if self.final_norm:
             z = MaskedLayerNorm(name="LayerNorm_0")(z, w.output_dim)
