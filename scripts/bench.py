@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.search:  # before jax starts a backend here: on a GPU the studies' trials need the card
         return bench_search.main(args)
-    if args.overrides or args.seed_list or args.label or args.keep:
-        parser.error("--set, --seed-list, --label and --keep go with --search CONFIG")
+    if args.overrides or args.seed_list or args.label or args.keep or args.confirm:
+        parser.error("--set, --seed-list, --confirm, --label and --keep go with --search CONFIG")
     args.out = args.out or str(REPO / "benchmarks" / "latest.json")
     args.study_timeout = args.study_timeout or 900.0
 

@@ -302,7 +302,8 @@ def _prune_at(epoch):
 def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     """fit_bundle against fit, member by member (same seeds): the same intermediate values to float32
     tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
-    diverged while the others go on."""
+    diverged while the others go on; once half are stopped the live ones move into a smaller program
+    and still report what they would alone."""
     from xclip_jax.model import hparams, stack
     from xclip_jax.padding import program_key
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
@@ -319,7 +320,9 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     specs = [spec(3e-3, 0.05, 0.1), spec(1e-2, 0.1, 0.0), spec(1e38, 0.07, 0.2), spec(1e-3, 0.2, 0.3)]
     hooks = [(), (_prune_at(1),), (), ()]
     states = fresh_states(program_key(specs[0]), stack([hparams(s, i) for i, s in enumerate(specs)]))
-    _, bundled = fit.fit_bundle(states, train_d, val_d, num_epochs=3, patience=3, hooks=hooks, ks=(1, 5))
+    final, bundled = fit.fit_bundle(states, train_d, val_d, num_epochs=3, patience=3, hooks=hooks, ks=(1, 5))
+    # after epoch 1 two of four are live (one diverged, one pruned): they moved into a program of two
+    assert jax.tree.leaves(final.hp)[0].shape[0] == 2
     assert bundled[1].stopped == "pruned" and [h["epoch"] for h in bundled[1].history] == [0, 1]
     assert bundled[2].stopped.startswith("diverged") and not bundled[2].history
     for i in (0, 1, 3):

@@ -335,3 +335,30 @@ def test_a_second_interrupt_loses_no_configuration(tmp_path):
     assert len(done) == 3 and st.counts(load(tmp_path))["finished"] == 3
     ran = [t.params for t in done]
     assert all(t.params in ran for t in interrupted), "an interrupted configuration never ran"
+
+
+def test_a_time_budget_runs_as_many_trials_as_fit(tmp_path):
+    """budget_minutes: trials start while one more fits, whatever n_trials says, and none starts after
+    the budget."""
+    cfg_path = write(tmp_path, n_trials=2, n_jobs=1, max_epochs=2, pruner={"type": "NopPruner"}, budget_minutes=0.5)
+    done = tune_run(tmp_path, cfg_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "a budget of 0.5 minutes: trials start while one more fits" in done.stdout
+    trials = [t for t in load(tmp_path).get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(trials) > 2, len(trials)  # the budget ended the study, not n_trials
+    first = min(t.datetime_start for t in trials)
+    assert all((t.datetime_start - first).total_seconds() < 30 for t in trials)
+
+
+def test_batch_trials_auto_is_the_backends(monkeypatch, tmp_path):
+    from xclip_jax import padding
+
+    cfg = load_tune_config(write(tmp_path, batch_trials="auto"))
+    monkeypatch.setattr(padding, "expected_backend", lambda: "cpu")
+    cpu, line = padding.for_backend(cfg)
+    assert (cpu.batch_trials, cpu.padding, line) == (1, padding.CPU_PADDING, "batch_trials: auto -> 1 (a CPU's bundle "
+                                                                              "epoch costs K epochs)")
+    monkeypatch.setattr(padding, "expected_backend", lambda: "gpu")
+    gpu, line = padding.for_backend(cfg)
+    assert (gpu.batch_trials, gpu.padding) == (padding.GPU_BATCH_TRIALS, "max") and line.endswith("at once)")
+    assert padding.for_backend(load_tune_config(write(tmp_path, batch_trials=3)))[1] is None

@@ -72,30 +72,56 @@ class FitState:
 
 class _Members:
     """A bundle's members (a single trial is one) and their three programs: one epoch, one validation,
-    and the best params of each kept on the host, unpadded (what its checkpoint stores)."""
+    and the best params of each kept on the host, unpadded (what its checkpoint stores).
+
+    Members that stop cost nothing for long: once at most half of the program's members are live,
+    the live ones move into a program of the next power of two members (``slot``: each member's place
+    in it, None once dropped); measured against masking them: benchmarks/RESULTS.md."""
 
     def __init__(self, states: TrainState, train_data, val_data, programs: Programs):
-        self.state, self.train_data, self.val_data = states, train_data, val_data
-        self.epoch_fn = programs.epoch_fn(states, train_data)
-        self.eval_fn = programs.eval_fn(states.key, count(states.hp), val_data)
+        self.state, self.train_data, self.val_data, self.programs = states, train_data, val_data, programs
         hp = jax.device_get(states.hp)
         self.real = [real_key(states.key, member(hp, i)) for i in range(count(hp))]
+        self.slot: list[int | None] = list(range(len(self.real)))
+        self._compile()
 
-    def run_epoch(self, active: list[bool]) -> list[dict]:
-        self.state, metrics = self.epoch_fn(self.state, self.train_data, np.asarray(active))
+    def _compile(self) -> None:
+        self.epoch_fn = self.programs.epoch_fn(self.state, self.train_data)
+        self.eval_fn = self.programs.eval_fn(self.state.key, count(self.state.hp), self.val_data)
+
+    def _per_member(self, per_slot: list) -> list:
+        return [None if s is None else per_slot[s] for s in self.slot]
+
+    def run_epoch(self, active: list[bool]) -> list[dict | None]:
+        live = np.zeros(count(self.state.hp), bool)
+        live[[s for s, a in zip(self.slot, active) if a and s is not None]] = True
+        self.state, metrics = self.epoch_fn(self.state, self.train_data, live)
         metrics = jax.device_get(metrics)
-        return [{k: v[i] for k, v in metrics.items()} for i in range(len(active))]
+        return self._per_member([{k: v[s] for k, v in metrics.items()} for s in range(len(live))])
 
     def evaluate(self, ks) -> list[dict | None]:
-        return member_metrics(self.eval_fn, self.state.params, self.state.hp, self.val_data, ks)
+        return self._per_member(member_metrics(self.eval_fn, self.state.params, self.state.hp, self.val_data, ks))
 
     def best_params(self, i: int) -> dict:
         """Member ``i``'s params now, on the host and at its real widths."""
-        params = jax.device_get(member(self.state.params, i))
+        params = jax.device_get(member(self.state.params, self.slot[i]))
         return {**unpad(params, self.real[i]), "loss": params["loss"]}
 
     def member_state(self, i: int) -> TrainState:
-        return member(self.state, i)
+        return member(self.state, self.slot[i])
+
+    def compact(self, active: list[bool]) -> None:
+        """Move the live members into a program of the next power of two members, once at most half
+        of the current program's are live (a stopped member fills a spare place, masked)."""
+        size, live = count(self.state.hp), [i for i, a in enumerate(active) if a]
+        if not live or size == 1 or len(live) > size // 2:
+            return
+        spare = [i for i, s in enumerate(self.slot) if s is not None and not active[i]]
+        keep = live + spare[:(1 << (len(live) - 1).bit_length()) - len(live)]
+        take = np.asarray([self.slot[i] for i in keep])
+        self.state = jax.tree.map(lambda x: x[take], self.state)
+        self.slot = [keep.index(i) if i in keep else None for i in range(len(self.slot))]
+        self._compile()
 
 
 def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epochs: int, patience: int, ks,
@@ -141,6 +167,10 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
             reason = next((r for r in (hook(record, fs, trainer.member_state(i)) for hook in hooks[i]) if r), None)
             if reason or epoch - fs.best_epoch >= patience:
                 fs.stopped, active[i] = reason or "early_stopping", False
+        t_compact = time.perf_counter()
+        trainer.compact(active)
+        for i in (i for i, a in enumerate(active) if a):  # the live members pay its compile
+            states[i].compile_seconds += (time.perf_counter() - t_compact) / max(sum(active), 1)
         if len(states) == 1 and records:
             r = records[0]
             bar.set_postfix(loss=f"{r['train_loss']:.4f}", val_r1=f"{r['val_r1']:.4f}", best=f"{states[0].best_r1:.4f}")
@@ -168,7 +198,8 @@ def fit_bundle(states: TrainState, train_data, val_data, fit_states: list | None
       programs: where the compiled programs are kept (a warm runner's); default: a new one.
 
     Returns:
-      ``(states, fit_states)``: the final stacked states and each member's FitState.
+      ``(states, fit_states)``: the final stacked states (of the last program: once at most half of the
+      members were live, the live ones moved into a smaller one) and each member's FitState.
     """
     size = len(hooks)
     fit_states = fit_states or [FitState() for _ in range(size)]

@@ -112,6 +112,25 @@ def resolve(policy: str, backend: str | None = None) -> str:
     return "max" if (backend or expected_backend()) == "gpu" else CPU_PADDING
 
 
+# Trials trained in one program with batch_trials: auto. A CPU runs a bundle's members one after
+# another inside each step (a bundle's epoch costs K epochs), so it trains one; a GPU has the room to
+# train several at once (not measured yet: no card lent since the program family; the device check's
+# BATCH_TRIALS sweep measures it).
+GPU_BATCH_TRIALS = 4
+
+
+def for_backend(cfg):
+    """A tuning config with its ``auto`` settings made the expected backend's (``padding``,
+    ``batch_trials``), and the start-up line that says what ``batch_trials: auto`` became (or None)."""
+    backend = expected_backend()
+    cfg = dataclasses.replace(cfg, padding=resolve(cfg.padding, backend))
+    if cfg.batch_trials != "auto":
+        return cfg, None
+    k = GPU_BATCH_TRIALS if backend == "gpu" else 1
+    why = "a GPU trains them at once" if backend == "gpu" else "a CPU's bundle epoch costs K epochs"
+    return dataclasses.replace(cfg, batch_trials=k), f"batch_trials: auto -> {k} ({why})"
+
+
 def study_buckets(cfg) -> Buckets:
     """What a tuning study's widths pad to: its ``padding`` over the sizes each width can take (its
     search-space values, else its fixed value; a width neither names is the default, itself)."""

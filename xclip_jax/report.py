@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from xclip_jax.config import dump_yaml
 from xclip_jax.errors import UserError, cli, exception_line
+from xclip_jax.final_pick import FINAL_PICK_ATTR, pick_line, picked_trial
 from xclip_jax.runtime import check_owners, claim, host_name
 from xclip_jax.study import BASELINES_ATTR, load_study
 from xclip_jax.study_plots import importances, write_plots
@@ -253,12 +254,15 @@ def write_outputs(study, cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     written = write_report(study, out)
     try:
-        best = study.best_trial
+        best = picked_trial(study)
     except ValueError:
         return written
     tc, warning = best_train_config(cfg, best)
     header = (f"# Best configuration from study {cfg.study_name!r}: trial {best.number}, "
               f"validation R@1 = {best.value:.4f} ({len(study.trials)} trials)\n")
+    pick = study.user_attrs.get(FINAL_PICK_ATTR)
+    if pick and pick["picked"] == best.number:
+        header += f"# {pick_line(pick)}\n"
     lost = below_baseline(best.value, study.user_attrs.get(BASELINES_ATTR))
     if lost:
         header += (f"# WORSE THAN A LINEAR MAP: the closed-form baseline {lost['name']} reaches validation R@1 = "
@@ -277,6 +281,7 @@ def write_outputs(study, cfg) -> dict:
         "counts": counts(study),
         **against_baselines(best.value, study.user_attrs.get(BASELINES_ATTR)),
         "top_trials": top_trials(study, study.user_attrs.get(BASELINES_ATTR)),
+        "final_pick": pick or {"procedure": "best"},
     }
     (out / "best_results.json").write_text(json.dumps(results, indent=2, default=str))
     written["best_config"] = out / "best_config.yaml"

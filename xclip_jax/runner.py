@@ -168,20 +168,63 @@ class Runner:
             trial.set_user_attr(key, value)
         return train_cfg, out
 
-    def run_job(self, tids: list[int]) -> dict:
-        """Run one trial, or a bundle of same-shape trials in one program (``batch_trials``), to its
-        end; returns ``{"states": [...], "ahead": ...}`` for the driver."""
+    def handle(self, job: dict) -> dict:
+        """A job from the driver: trials to run (``trial_ids``), or finished trials to train again with
+        other seeds (``rerun``: the final pick)."""
+        return self.run_reruns(job["rerun"]) if "rerun" in job else self.run_job(job["trial_ids"])
+
+    def _train(self, cfgs: list, hooks: list[tuple]) -> tuple[list, float, float]:
+        """Train trial configs that share a program key as one bundle: ``(fit states, seconds getting
+        the init program, the clock when the fit began)``."""
         import jax
+
+        from xclip_jax.baselines import with_head_init
+        from xclip_jax.fit import fit_bundle
+        from xclip_jax.model import hparams, stack
+        from xclip_jax.step import fresh_states
+
+        t_start = time.perf_counter()
+        specs = [self._spec(c) for c in cfgs]
+        key = self._key(specs)
+        init_fn = self.programs.init_fn(key, len(cfgs))
+        init_compile = time.perf_counter() - t_start
+        hp = stack([hparams(spec, c.seed) for spec, c in zip(specs, cfgs)])
+        state = with_head_init(fresh_states(key, hp, init_fn), [c.model for c in cfgs], self.train_set,
+                               self.cca_cache)
+        jax.block_until_ready(state)
+        fit_start = time.perf_counter()
+        training = cfgs[0].training
+        _, fit_states = fit_bundle(state, self.train_data, self.val_data, num_epochs=training.num_epochs,
+                                   patience=training.patience, hooks=hooks, ks=tuple(cfgs[0].evaluation.top_k),
+                                   programs=self.programs)
+        return fit_states, init_compile, fit_start
+
+    def run_reruns(self, members: list) -> dict:
+        """Train finished trials again, each with another seed (``[[trial number, seed], ...]``, one
+        program key): their best validation R@1 for the final pick. Nothing is told to Optuna or
+        saved; a rerun's own training is the trial's (same epochs and patience, no pruning)."""
+        from xclip_jax.tune_config import trial_config
+
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        cfgs = [dataclasses.replace(trial_config(self.cfg, trials[number].params, trial_number=number), seed=seed)
+                for number, seed in members]
+        print(f"final pick: training trials {', '.join(str(n) for n, _ in members)} again with other seeds",
+              flush=True)
+        fit_states, _, _ = self._train(cfgs, [()] * len(cfgs))
+        return {"reruns": [{"number": number, "seed": seed, "value": fs.best_r1 if fs.best_epoch >= 0 else None,
+                            "best_epoch": fs.best_epoch, "stopped": fs.stopped}
+                           for (number, seed), fs in zip(members, fit_states)], "ahead": self.ahead}
+
+    def run_job(self, tids: list[int]) -> dict:
+        """Run one trial, or a bundle of trials of one program key (``batch_trials``), to its end;
+        returns ``{"states": [...], "ahead": ...}`` for the driver."""
         from optuna.trial import TrialState
 
         from xclip_jax import checkpoint
         from xclip_jax import study as st
-        from xclip_jax.baselines import with_head_init
         from xclip_jax.config import to_dict
-        from xclip_jax.fit import fit_bundle
-        from xclip_jax.model import hparams, stack
         from xclip_jax.pool import rss_bytes
-        from xclip_jax.step import TrainingDiverged, fresh_states
+        from xclip_jax.step import TrainingDiverged
 
         t_start = time.perf_counter()
         study, programs, size = self.study, self.programs, len(tids)
@@ -190,22 +233,10 @@ class Runner:
         opened = [self._open(trial, trials[0].number, size) for trial in trials]
         cfgs = [c for c, _ in opened]
         result = {"ahead": self.ahead}
-        training = cfgs[0].training
         try:
-            specs = [self._spec(c) for c in cfgs]
-            key = self._key(specs)
-            t0 = time.perf_counter()
-            init_fn = programs.init_fn(key, size)
-            init_compile = time.perf_counter() - t0
-            hp = stack([hparams(spec, c.seed) for spec, c in zip(specs, cfgs)])
-            state = with_head_init(fresh_states(key, hp, init_fn), [c.model for c in cfgs], self.train_set,
-                                   self.cca_cache)
-            jax.block_until_ready(state)
-            setup = time.perf_counter() - t_start - init_compile
-            hooks = [(report_and_prune(t, training.num_epochs, self.parent),) for t in trials]
-            state, fit_states = fit_bundle(state, self.train_data, self.val_data, num_epochs=training.num_epochs,
-                                           patience=training.patience, hooks=hooks,
-                                           ks=tuple(cfgs[0].evaluation.top_k), programs=programs)
+            hooks = [(report_and_prune(t, cfgs[0].training.num_epochs, self.parent),) for t in trials]
+            fit_states, init_compile, fit_start = self._train(cfgs, hooks)
+            setup = fit_start - t_start - init_compile
             for trial, (train_cfg, out), fs in zip(trials, opened, fit_states):
                 if fs.best_params is not None:
                     # one checkpoint per trial, the best epoch's (pruned ones, and ones that diverged
@@ -271,7 +302,7 @@ def main(argv=None):
 
     def start():  # after the pool's worker set-up (memory cap, parent-death signal): jax is imported here
         runner = Runner(config_path, cache_dir)
-        return (lambda job: runner.run_job(job["trial_ids"])), (lambda job: runner.prepare(job["trial_ids"]))
+        return runner.handle, (lambda job: runner.prepare(job["trial_ids"]) if "trial_ids" in job else None)
 
     serve(start)
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from xclip_jax.errors import UserError
@@ -68,3 +70,26 @@ def claim(folders: dict, study_name: str) -> None:
         marker = Path(folder) / MARKER
         if not marker.exists():
             marker.write_text(study_name + "\n")
+
+
+def runner_env(storage: str) -> dict:
+    """The environment of the processes a study starts (runners, baselines): no preallocation of the
+    card (processes share it), one persistent compilation cache, the storage URL (never in a file)."""
+    env = dict(os.environ)
+    env.update({
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get("XCLIP_JAX_CACHE", str(Path.home() / ".cache" / "xclip_jax" / "jax")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        STORAGE_ENV: storage,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def start_baselines(cache_dir: Path, log_path: Path, env: dict) -> subprocess.Popen:
+    """``python -m xclip_jax.baselines`` on a study's data cache, writing its ``baselines.json``."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "xclip_jax.baselines", "--cache", str(cache_dir), "--out",
+                             str(cache_dir / "baselines.json")], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -306,6 +306,27 @@ def record_throughput(study: optuna.Study, trials, n_jobs: int, wall_seconds: fl
     return record
 
 
+def store_baselines(study: optuna.Study, path, process=None, wait: bool = True) -> list | None:
+    """The closed-form baselines' results at ``path`` (after their process, waited for when ``wait``,
+    else killed), stored with the study (``BASELINES_ATTR``); None when there are none."""
+    import json
+    import subprocess
+
+    if process is not None:
+        if not wait:
+            process.kill()
+        try:
+            process.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    if study.user_attrs.get(BASELINES_ATTR) != results:
+        study.set_user_attr(BASELINES_ATTR, results)
+    return results
+
+
 # ----------------------------------------------------------------------------- failing trials
 
 

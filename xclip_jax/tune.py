@@ -11,10 +11,9 @@ stops cleanly on Ctrl-C and resumes toward ``n_trials`` when rerun. It never imp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,18 +21,29 @@ from pathlib import Path
 from xclip_jax import space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
+from xclip_jax import final_pick
 from xclip_jax.pool import Pool
 from xclip_jax.report import record_output_dir
-from xclip_jax.verdict import next_step, report_baselines, throughput_line, top_line, top_trials
+from xclip_jax.verdict import (
+    bundle_line,
+    next_step,
+    report_baselines,
+    throughput_line,
+    top_line,
+    top_trials,
+    trial_line,
+)
 from xclip_jax.runtime import (
     STORAGE_ENV,
     check_owners,
     check_writable,
     claim,
     host_name,
+    runner_env,
+    start_baselines,
 )
 from xclip_jax.storage import make_storage, sqlite_file
-from xclip_jax.padding import resolve
+from xclip_jax.padding import for_backend
 from xclip_jax.tune_config import implicit_init
 
 
@@ -52,6 +62,7 @@ class Driver:
         self.study = None
         self.jobs: dict[str, list] = {}  # running job (its lead's trial id) -> [(trial id, number)] of its trials
         self.ran: list[int] = []  # ids of the trials this driver ran to their end
+        self.lengths: dict[str, list[float]] = {"all": [], "complete": []}  # seconds of this run's trials
         self.host = host_name()
 
     # -- setup -------------------------------------------------------------------------------
@@ -114,41 +125,17 @@ class Driver:
         computed by a child process, since the driver never imports jax, while the first trials run."""
         if not self.cfg.baselines or (self.cache_dir / "baselines.json").exists():
             return None
-        log = open(self.logs / "baselines.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "xclip_jax.baselines", "--cache", str(self.cache_dir), "--out",
-                                 str(self.cache_dir / "baselines.json")], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self._runner_env(), start_new_session=True)
+        return start_baselines(self.cache_dir, self.logs / "baselines.log", self._runner_env())
 
     def _baseline_results(self, wait: bool) -> list | None:
         """The baselines' results (waiting for their process when ``wait``), stored with the study."""
-        if self.baselines is not None:
-            if not wait:
-                self.baselines.kill()
-            try:
-                self.baselines.wait(timeout=900)
-            except subprocess.TimeoutExpired:
-                self.baselines.kill()
-            self.baselines = None
-        path = self.cache_dir / "baselines.json"
-        if not self.cfg.baselines or not path.exists():
-            return None
-        results = json.loads(path.read_text())
-        if self.study.user_attrs.get(st.BASELINES_ATTR) != results:
-            self.study.set_user_attr(st.BASELINES_ATTR, results)
-        return results
+        process, self.baselines = self.baselines, None
+        if self.cfg.baselines:
+            return st.store_baselines(self.study, self.cache_dir / "baselines.json", process, wait)
+        return None
 
     def _runner_env(self) -> dict:
-        env = dict(os.environ)
-        env.update({
-            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-            "JAX_COMPILATION_CACHE_DIR": os.environ.get("XCLIP_JAX_CACHE",
-                                                        str(Path.home() / ".cache" / "xclip_jax" / "jax")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            STORAGE_ENV: self.cfg.storage,
-            "PYTHONUNBUFFERED": "1",
-        })
-        return env
+        return runner_env(self.cfg.storage)
 
     # -- trials ------------------------------------------------------------------------------
 
@@ -190,11 +177,19 @@ class Driver:
 
         lines = []
         for event in events:
-            for tid, number in self.jobs.pop(event.job):
+            for tid, number in self.jobs.pop(event.job, ()):  # (a final pick's runs are no trials)
                 self.ran.append(tid)
                 if event.kind == "lost" and self.storage.get_trial(tid).state == TrialState.RUNNING:
                     self._fail_lost(tid, number, event)
-                lines.append(self.describe(self.storage.get_trial(tid)))
+                t = self.storage.get_trial(tid)
+                lines.append(trial_line(self.study, t))
+                if t.datetime_complete and t.datetime_start and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                    # its length without its compiles: a later trial of a key compiled before skips them
+                    seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
+                               - (t.user_attrs.get("compile_seconds") or 0.0))
+                    self.lengths["all"].append(seconds)
+                    if t.state == TrialState.COMPLETE:
+                        self.lengths["complete"].append(seconds)
         return lines
 
     def _fail_lost(self, tid: int, number: int, event) -> None:
@@ -211,20 +206,16 @@ class Driver:
         else:
             st.fail_trial(self.study, self.storage, tid, event.reason, retry="never")
 
-    def describe(self, t) -> str:
-        from optuna.trial import TrialState
-
-        if t.state == TrialState.COMPLETE:
-            try:
-                best = self.study.best_trial
-                tail = f" Best is trial {best.number} with value: {best.value:.4f}."
-            except ValueError:
-                tail = ""
-            return f"Trial {t.number} finished with value: {t.value:.4f} and parameters: {t.params}.{tail}"
-        if t.state == TrialState.PRUNED:
-            last = max(t.intermediate_values) if t.intermediate_values else None
-            return f"Trial {t.number} pruned at epoch {last}."
-        return f"Trial {t.number} failed: {t.user_attrs.get('fail_reason', 'unknown reason')}"
+    def budget_spent(self, elapsed: float) -> bool:
+        """With ``budget_minutes``: whether a trial started now would end past the budget, with the
+        final pick's runs after it (lengths, without compiles: the median of this run's trials, and of
+        its complete ones)."""
+        if self.cfg.budget_minutes is None:
+            return False
+        trial = statistics.median(self.lengths["all"]) if self.lengths["all"] else 0.0
+        full = statistics.median(self.lengths["complete"]) if self.lengths["complete"] else trial
+        runs = self.cfg.final_pick_trials * self.cfg.final_pick_seeds if self.cfg.final_pick == "rerun" else 0
+        return elapsed + trial + full * runs / self.cfg.n_jobs > self.cfg.budget_minutes * 60
 
     def compiling_ahead(self) -> int:
         """Trials handed to a runner while it trains another: it compiles their programs meanwhile
@@ -254,7 +245,8 @@ class Driver:
 
         cfg = self.cfg
         start = time.time()
-        bar = tqdm(total=cfg.n_trials, desc=cfg.study_name, unit="trial", disable=not self.progress,
+        bar = tqdm(total=cfg.n_trials if cfg.budget_minutes is None else None, desc=cfg.study_name, unit="trial",
+                   disable=not self.progress,
                    initial=min(st.counts(self.study)["finished"], cfg.n_trials))
         last_beat = 0.0
         last_shown = None
@@ -286,7 +278,8 @@ class Driver:
                     bar.set_postfix(**counts, best=self._best(), refresh=False)
                     bar.refresh()
                 out_of_time = cfg.timeout is not None and now - start > cfg.timeout
-                budget_left = c["finished"] + c["running"] < cfg.n_trials
+                budget_left = (c["finished"] + c["running"] < cfg.n_trials if cfg.budget_minutes is None
+                               else not self.budget_spent(now - start))
                 if not self.halt and not out_of_time and budget_left and self.pool.has_room():
                     self.launch()
                     continue
@@ -294,6 +287,8 @@ class Driver:
                     if c["running"] == 0 or out_of_time or self.halt:
                         break
                 time.sleep(0.2)
+            if not (self.halt or out_of_time):
+                self.pick_final(stop)
         except KeyboardInterrupt:
             interrupted = True
             tqdm.write("interrupted: stopping running trials (they will run again on resume)")
@@ -306,6 +301,12 @@ class Driver:
         self.pool.close()
         baselines = self._baseline_results(wait=not interrupted)
         return {**self._finish(start, interrupted), "baselines": baselines}
+
+    def pick_final(self, stop: list) -> None:
+        """``final_pick: rerun``: the top trials trained again with fresh seeds (``final_pick.run``)."""
+        from tqdm.auto import tqdm
+
+        final_pick.run(self.pool, self.study, self.cfg, self.dims, self.logs, stop, tqdm.write)
 
     def _finish(self, start: float, interrupted: bool) -> dict:
         from xclip_jax.report import write_outputs
@@ -322,6 +323,7 @@ class Driver:
         return {"interrupted": interrupted, "counts": st.counts(self.study), "wall_seconds": wall,
                 "best_value": None if self._best() == "-" else self.study.best_value,
                 "top_trials": top_trials(self.study, self.study.user_attrs.get(st.BASELINES_ATTR)),
+                "final_pick": self.study.user_attrs.get(final_pick.FINAL_PICK_ATTR),
                 "outputs": outputs, "halt": self.halt, "throughput": throughput}
 
     def _best(self) -> str:
@@ -329,12 +331,6 @@ class Driver:
             return f"{self.study.best_value:.4f}"
         except ValueError:
             return "-"
-
-
-def bundle_line(numbers: list[int]) -> str:
-    """The console's line for a bundle (``batch_trials``) handed to a runner."""
-    return (f"bundle of {len(numbers)}: trials {', '.join(map(str, numbers))} train together in one program "
-            "(the same head, loss, batch and padded widths, each its own sampled values)")
 
 
 def _new_sqlite_file(url: str) -> bool:
@@ -360,14 +356,20 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     warning = st.pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    cfg, searched = implicit_init(dataclasses.replace(cfg, padding=resolve(cfg.padding)))
-    if searched:
-        print(searched)
+    cfg, chosen = for_backend(cfg)
+    cfg, searched = implicit_init(cfg)
+    for line in (chosen, searched):
+        if line:
+            print(line)
     ran = cfg  # what the caller gets back: the config as given, with init searched where it is
     driver = Driver(cfg, progress=progress)
     driver.prepare()
     finished = st.counts(driver.study)["finished"]
-    if add_trials is not None:
+    if cfg.budget_minutes is not None:  # the budget ends the study, not a count
+        driver.cfg = cfg = dataclasses.replace(cfg, n_trials=finished + 10**9)
+        print(f"study {cfg.study_name}: a budget of {cfg.budget_minutes:g} minutes: trials start while one more fits "
+              f"({finished} finished before)")
+    elif add_trials is not None:
         driver.cfg = cfg = dataclasses.replace(cfg, n_trials=finished + add_trials)
         print(f"study {cfg.study_name}: {finished} trials finished; adding {add_trials} (n_trials {cfg.n_trials})")
     elif finished >= cfg.n_trials:
@@ -395,9 +397,9 @@ def main(argv=None):
           f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
     if result["throughput"]["trials"]:
         print(throughput_line(result["throughput"]))
-    line = top_line(result.get("top_trials") or [])
-    if line:
-        print(line)
+    for line in (top_line(result.get("top_trials") or []), final_pick.pick_line(result.get("final_pick"))):
+        if line:
+            print(line)
     report_baselines(result.get("best_value"), result.get("baselines"), cfg)
     if result["halt"]:
         raise UserError(result["halt"])

@@ -56,8 +56,9 @@ def _parser():
     parser.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial")
     parser.add_argument("--max-patience", type=int, metavar="N",
                         help="stop a trial after N epochs without a better validation R@1")
-    parser.add_argument("--batch-trials", type=int, metavar="K",
-                        help="train K trials of the same shapes in one program (1: each alone)")
+    parser.add_argument("--batch-trials", type=lambda v: v if v == "auto" else int(v), metavar="K",
+                        help="train K trials of one head, loss and batch size in one program (1: each alone; auto: "
+                             "1 on a CPU, more on a GPU)")
     parser.add_argument("--add-trials", type=int, metavar="N",
                         help="run N trials more than the study has finished (what rerunning the original did); "
                              "an addition, where --n-trials is the total")

@@ -130,6 +130,9 @@ class TuneConfig:
     n_jobs: int = 1
     storage: str = "sqlite:///optuna_study.db"
     timeout: float | None = None
+    # A time budget: trials start while one more fits (and the final pick after them), whatever
+    # n_trials says; the study ends about then.
+    budget_minutes: float | None = None
     base_data_dir: str = "data"
     data: DataConfig | None = None
     search_space: dict = dataclasses.field(default_factory=dict)
@@ -146,6 +149,12 @@ class TuneConfig:
     devices: tuple[int, ...] | None = None
     final_epochs: int = 50
     final_patience: int = 5
+    # Which configuration the study hands over (final_pick.py): best (the best validation R@1), or
+    # rerun (the top final_pick_trials trials trained again with final_pick_seeds fresh seeds each,
+    # the best mean wins).
+    final_pick: str = "best"
+    final_pick_trials: int = 3
+    final_pick_seeds: int = 2
     heartbeat_interval: int = 10
     grace_period: int = 60
     trial_timeout: float | None = None
@@ -153,7 +162,7 @@ class TuneConfig:
     runner_max_trials: int = RUNNER_MAX_TRIALS
     runner_max_memory_gb: float | None = RUNNER_MAX_MEMORY_GB
     compile_ahead: bool | None = None
-    batch_trials: int = 1
+    batch_trials: int | str = 1  # or auto: padding.GPU_BATCH_TRIALS on a GPU, 1 on a CPU
     # What each trial's widths pad to in its compiled program (padding.PADDINGS); auto: the space's
     # largest choice on a GPU, padding.CPU_PADDING on a CPU (measured: benchmarks/RESULTS.md).
     padding: str = "auto"
@@ -162,8 +171,12 @@ class TuneConfig:
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
         _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
-        _check(self.batch_trials >= 1, "batch_trials must be >= 1 (1: each trial trained on its own)")
+        _check(self.batch_trials == "auto" or (isinstance(self.batch_trials, int) and self.batch_trials >= 1),
+               "batch_trials must be >= 1 (1: each trial trained on its own) or auto")
         _check(self.padding in ("auto", *PADDINGS), f"padding must be auto, {', '.join(PADDINGS)}; got {self.padding!r}")
+        _check(self.final_pick in ("best", "rerun"), f"final_pick must be best or rerun, got {self.final_pick!r}")
+        _check(self.final_pick_trials >= 2, "final_pick_trials must be >= 2 (the trials the final pick chooses among)")
+        _check(self.final_pick_seeds >= 1, "final_pick_seeds must be >= 1 (fresh runs of each)")
         _check(self.runner_max_memory_gb is None or self.runner_max_memory_gb > 0,
                "runner_max_memory_gb must be > 0 or null")
         _check(self.n_trials >= 1, "n_trials must be >= 1")
@@ -171,6 +184,7 @@ class TuneConfig:
         _check(self.max_epochs >= 1, "max_epochs must be >= 1")
         _check(self.max_patience >= 1, "max_patience must be >= 1")
         _check(self.timeout is None or self.timeout > 0, "timeout must be > 0 seconds or null")
+        _check(self.budget_minutes is None or self.budget_minutes > 0, "budget_minutes must be > 0 or null")
         _check(self.grace_period > self.heartbeat_interval, "grace_period must exceed heartbeat_interval")
 
 

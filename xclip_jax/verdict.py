@@ -26,6 +26,29 @@ def below_baseline(best_value: float | None, baselines) -> dict | None:
 TOP_K = 5
 
 
+def trial_line(study, t) -> str:
+    """The console's line for a finished trial (as Optuna's own log says it)."""
+    from optuna.trial import TrialState
+
+    if t.state == TrialState.COMPLETE:
+        try:
+            best = study.best_trial
+            tail = f" Best is trial {best.number} with value: {best.value:.4f}."
+        except ValueError:
+            tail = ""
+        return f"Trial {t.number} finished with value: {t.value:.4f} and parameters: {t.params}.{tail}"
+    if t.state == TrialState.PRUNED:
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        return f"Trial {t.number} pruned at epoch {last}."
+    return f"Trial {t.number} failed: {t.user_attrs.get('fail_reason', 'unknown reason')}"
+
+
+def bundle_line(numbers: list[int]) -> str:
+    """The console's line for a bundle (``batch_trials``) handed to a runner."""
+    return (f"bundle of {len(numbers)}: trials {', '.join(map(str, numbers))} train together in one program "
+            "(the same head, loss, batch and padded widths, each its own sampled values)")
+
+
 def top_trials(study, baselines=None, k: int = TOP_K) -> list[dict]:
     """The ``k`` best complete trials, best first: number, validation R@1, its gap to the best trial,
     its margin over the best closed-form baseline and its parameters. How sure the answer is: a
