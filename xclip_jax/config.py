@@ -20,7 +20,18 @@ from typing import Any
 import yaml
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec, unused_fields
+from xclip_jax.spec import (
+    CCA_HEADS,
+    DTYPES,
+    HEAD_INITS,
+    HEAD_TYPES,
+    LOSS_TYPES,
+    SIGMOID_NORMALIZE,
+    HeadSpec,
+    LossSpec,
+    TrainingSpec,
+    unused_fields,
+)
 
 
 class ConfigError(UserError):
@@ -163,6 +174,17 @@ def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
 # Keys the original spelled differently: old name -> our field name, per section.
 ALIASES = {"LossSpec": {"learnable_scale": "learnable_temp"}}
 
+# Keys whose value is one of a few names: {config class: {field: the names}}. A typo gets the nearest
+# name, and the configuration reference lists them; the tuning config adds its own classes' keys.
+CHOICES: dict[type, dict[str, tuple]] = {
+    HeadSpec: {"type": HEAD_TYPES, "init": HEAD_INITS},
+    LossSpec: {"type": LOSS_TYPES, "sigmoid_normalize": SIGMOID_NORMALIZE},
+    TrainingSpec: {"dtype": DTYPES},
+}
+
+# A tuning config's own top-level keys: given to the training CLI, they say which command it is for.
+TUNING_KEYS = ("study_name", "search_space", "n_trials", "pruner", "sampler", "fixed")
+
 
 # ----------------------------------------------------------------------------- building
 
@@ -170,6 +192,14 @@ ALIASES = {"LossSpec": {"learnable_scale": "learnable_temp"}}
 def _nearest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def choice_hint(value, allowed) -> str:
+    """``; did you mean 'clip'?`` for a value close to one of ``allowed`` (a typo), else ``""``."""
+    if not isinstance(value, str) or value in allowed:
+        return ""
+    close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _convert(value, tp, path: str):
@@ -249,7 +279,9 @@ def build(cls, mapping, path: str = ""):
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        hint = next((h for name, allowed in CHOICES.get(cls, {}).items()
+                     if (h := choice_hint(kwargs.get(name), allowed))), "")
+        raise ConfigError(f"{where}: {e}{hint}") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -273,13 +305,17 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Load and validate a training config YAML."""
+    raw = read_yaml(path)  # its errors name the file already
+    tuning = [key for key in TUNING_KEYS if key in raw]
+    if tuning:
+        raise ConfigError(f"{path}: a tuning config (it has {', '.join(tuning)}), not a training config; run "
+                          f"python -m xclip_jax.tune {path}, then train the best_config.yaml the study writes")
     try:
-        return build(TrainConfig, read_yaml(path))
+        return build(TrainConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-# Parameter names of the original's tuning code that differ from ours.
 def to_dict(cfg) -> dict:
     """A plain, YAML-ready dict of a config (tuples become lists)."""
 
