@@ -1,5 +1,6 @@
 """Tests for xclip_jax.report: JSON summary, importances, plots and the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -307,6 +308,23 @@ def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
     assert verdict.next_step(cfg, "tune.yaml", {**won, "baselines": None}).startswith("next: python -m xclip_jax.train")
     assert verdict.next_step(cfg, "tune.yaml", {**won, "interrupted": True}) is None
     assert verdict.next_step(cfg, "tune.yaml", {**won, "best_value": None}) is None
+
+
+def test_next_step_changes_a_flag_where_the_value_came_from_one(tmp_path):
+    """``--max-epochs 1`` on the command line: the advice to train longer is the flag's, and the
+    command that goes on keeps the other flags (the password masked)."""
+    from xclip_jax.tune_config import ParamSpace
+
+    cfg, _ = _tiny_study(tmp_path, record=False)
+    cfg = dataclasses.replace(cfg, max_epochs=1, search_space={**cfg.search_space, "init": ParamSpace(
+        choices=("default", "cca"))})
+    lost = {"best_value": 0.42, "baselines": _baseline(0.50), "interrupted": False}
+    flags = {"max_epochs": 1, "storage": "postgresql+psycopg://alice:PW@host/db"}
+    line = verdict.next_step(cfg, "tune.yaml", lost, flags)
+    assert line.startswith("next: train longer: set `--max-epochs 2`"), line
+    assert "python -m xclip_jax.tune tune.yaml --max-epochs 2 --storage postgresql+psycopg://alice:***@host/db " \
+           "--add-trials 6" in line and "PW" not in line and "in tune.yaml" not in line
+    assert verdict.next_step(cfg, "tune.yaml", lost).startswith("next: in tune.yaml, train longer: set `max_epochs: 2`")
 
 
 def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):

@@ -31,6 +31,7 @@ from xclip_jax.runtime import (
     check_writable,
     claim,
     host_name,
+    with_study_folders,
 )
 from xclip_jax.storage import make_storage, sqlite_file
 from xclip_jax.padding import resolve
@@ -360,7 +361,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     warning = st.pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    cfg, searched = implicit_init(dataclasses.replace(cfg, padding=resolve(cfg.padding)))
+    cfg, searched = implicit_init(dataclasses.replace(with_study_folders(cfg), padding=resolve(cfg.padding)))
     if searched:
         print(searched)
     ran = cfg  # what the caller gets back: the config as given, with init searched where it is
@@ -398,10 +399,10 @@ def main(argv=None):
     line = top_line(result.get("top_trials") or [])
     if line:
         print(line)
-    report_baselines(result.get("best_value"), result.get("baselines"), cfg)
+    report_baselines(result.get("best_value"), result.get("baselines"), cfg, args.overrides)
     if result["halt"]:
         raise UserError(result["halt"])
-    line = next_step(cfg, config_path, result)
+    line = next_step(cfg, config_path, result, args.overrides)
     if line:
         print(line)
     if result["interrupted"]:
