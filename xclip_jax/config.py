@@ -53,7 +53,21 @@ NO_DATA = ("no `data:` section: name the embedding files (base_data_dir, and dat
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    """An in-memory synthetic set (see ``xclip_jax.data.synthetic_splits``): no files needed."""
+    """An in-memory synthetic set (``data: {synthetic: {…}}``, see ``xclip_jax.data.synthetic_splits``):
+    COCO-like, deterministic, no files needed.
+
+    Attributes:
+      images: training images.
+      captions: captions (rows) per image.
+      image_dim, text_dim: the embedding widths of the two sides.
+      val_images, test_images: images of the validation and test sets.
+      noise: noise-to-signal ratio of each side (null: the generator's default, 1.75: hard; 0.5–1
+        learns in a few epochs).
+      seed: the generator's seed.
+      nonlinearity: spread of each map's tanh input (null: the generator's default, 1.5).
+      latent_dim: coordinates of each image's latent vector, which both sides see through maps of their own.
+      fold: share of latent coordinates the captions see only by magnitude, which no linear map recovers.
+    """
 
     images: int = 4000
     captions: int = 5
@@ -63,9 +77,9 @@ class SyntheticData:
     test_images: int = 500
     noise: float | None = None
     seed: int = 0
-    nonlinearity: float | None = None  # the generator's default (1.5) when null
+    nonlinearity: float | None = None
     latent_dim: int = 64
-    fold: float = 0.0  # share of latent coordinates captions see only by magnitude (0: none)
+    fold: float = 0.0
 
     def __post_init__(self):
         for name in ("images", "captions", "image_dim", "text_dim", "val_images", "test_images", "latent_dim"):
@@ -76,7 +90,17 @@ class SyntheticData:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the embedding sets are: file names relative to ``base_data_dir``, or ``synthetic``."""
+    """Where the embedding sets are (the ``data:`` section): file names relative to ``base_data_dir``,
+    or ``synthetic``. A name is read by the file rule: a converted ``.npy`` beside it wins.
+
+    Attributes:
+      train_image_embeddings, train_text_embeddings, train_metadata: the training set's files.
+      val_image_embeddings, val_text_embeddings, val_metadata: the validation set's files (early
+        stopping and pruning read it).
+      test_image_embeddings, test_text_embeddings, test_metadata: the test set's files (optional:
+        the final metrics and the baselines' test column).
+      synthetic: the built-in synthetic set instead of files (``synthetic: {}`` takes its defaults).
+    """
 
     train_image_embeddings: str | None = None
     train_text_embeddings: str | None = None
@@ -130,12 +154,26 @@ class EvaluationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A complete training run (the original's training YAML)."""
+    """A complete training run (the original's training YAML).
+
+    Attributes:
+      experiment_name: the run's folder under ``output_dir``.
+      output_dir: where runs are written, ``output_dir/experiment_name/``.
+      seed: the seed of initialisation, dropout and shuffling.
+      device: ``auto`` (JAX's default), ``cpu``, ``cuda`` or ``cuda:N`` (``gpu``, ``gpu:N``); ``cuda``
+        on a machine without a GPU trains on the CPU with a warning.
+      base_data_dir: the folder the data section's file names are relative to.
+      data: the embedding sets (required).
+      model: the heads.
+      training: optimisation and the fit loop.
+      loss: the contrastive loss.
+      evaluation: the final evaluation.
+    """
 
     experiment_name: str = "xclip"
     output_dir: str = "outputs"
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (gpu, gpu:N): where the training CLI runs
+    device: str = "auto"
     base_data_dir: str = "data"
     data: DataConfig | None = None
     model: HeadSpec = dataclasses.field(default_factory=HeadSpec)

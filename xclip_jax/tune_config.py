@@ -1,6 +1,5 @@
 """The tuning config (the original's optuna YAML, typed): study settings, the search space and its
-conditions, the pruner and sampler; the folders a study writes to; each trial's complete training
-config.
+conditions, the pruner and sampler; each trial's complete training config.
 
 Searchable parameters are the fields of the training config's ``model``, ``loss`` and ``training``
 sections (the core's specs), derived from those fields, so no parameter is listed twice.
@@ -168,7 +167,7 @@ class TuneConfig:
       timeout: seconds after which no trial starts (null: no limit).
       base_data_dir: the folder the data section's file names are relative to.
       data: the embedding sets, as in a training config.
-      search_space: the searched parameters, ``{NAME: {type, choices | low/high/log/step, when}}``.
+      search_space: the searched parameters, ``{NAME: {type, choices or low/high/log/step, when}}``.
       pruner: the pruner; its rungs count epochs.
       sampler: the sampler.
       search_init: search ``init`` over [default, cca] where a head can start from CCA and no ``init`` is named.
