@@ -90,6 +90,10 @@ def _bad(tmp_path, text):
     ("loss:\n  learnable_scale: maybe\n", ["loss.learnable_scale", "expected true or false"]),
     ("model: [1, 2]\n", ["model", "expected a mapping"]),
     ("model:\n  type: clip\n    output_dim: 5\n", ["YAML syntax error at line 3, column", "fix the YAML"]),
+    # a typo of a name gets the nearest one, as a typo of a key does
+    ("model:\n  type: clipp\n", ["model", "unknown head type 'clipp'", "did you mean 'clip'?"]),
+    ("loss:\n  sigmoid_normalize: bach\n", ["loss", "did you mean 'batch'?"]),
+    ("training:\n  dtype: bfloat61\n", ["training", "did you mean 'bfloat16'?"]),
 ])
 def test_bad_values_give_one_line_naming_the_key(tmp_path, text, expected):
     msg = _bad(tmp_path, text)
@@ -283,3 +287,22 @@ def test_the_settings_line_shows_every_resolved_setting_its_head_and_loss_use():
                               "loss": {"type": "sigmoid_infonce"}})
     line = settings_line(cfg, 8, 8)
     assert "init cca" in line and "learnable_bias true" in line and "hidden_dim" not in line
+
+
+def test_a_yaml_error_names_the_file_once(tmp_path):
+    msg = _bad(tmp_path, "model:\n  type: clip\n    output_dim: 5\n")
+    assert msg.count("bad.yaml") == 1 and msg.startswith(f"{tmp_path / 'bad.yaml'}: YAML syntax error"), msg
+
+
+def test_a_tuning_config_given_to_train_says_which_command_runs_it(tmp_path):
+    msg = _bad(tmp_path, "study_name: s\nn_trials: 3\ndata: {synthetic: {}}\nsearch_space: {}\n")
+    assert "a tuning config (it has study_name, search_space, n_trials)" in msg, msg
+    assert f"python -m xclip_jax.tune {tmp_path / 'bad.yaml'}" in msg and "unknown key" not in msg
+
+
+def test_the_tuning_keys_that_train_recognises_are_the_tuning_configs():
+    from xclip_jax.config import TUNING_KEYS
+    from xclip_jax.tune_config import TuneConfig
+
+    tuning, training = ({f.name for f in dataclasses.fields(c)} for c in (TuneConfig, TrainConfig))
+    assert set(TUNING_KEYS) <= tuning - training

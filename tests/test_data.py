@@ -290,7 +290,7 @@ def test_pt_without_torch_says_how_to_fix(tmp_path, monkeypatch):
     path.write_bytes(b"whatever")
     with pytest.raises(UserError) as e:
         data.read_array(path)
-    _assert_one_line(e, path.name, "pip install xclip_jax[torch]", f"python -m xclip_jax.data convert {tmp_path}")
+    _assert_one_line(e, path.name, "pip install 'torch>=2.1'", f"python -m xclip_jax.data convert {tmp_path}")
 
 
 def _fake_torch(arrays):

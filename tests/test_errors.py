@@ -118,7 +118,17 @@ def test_missing_postgres_driver_says_what_to_install(capsys, monkeypatch):
     with pytest.raises(UserError) as e:
         make_storage("postgresql+psycopg://alice:PW@127.0.0.1:5432/test")
     msg = str(e.value)
-    assert "pip install '.[postgres]'" in msg and "unreachable" not in msg and "PW@" not in msg
+    assert "pip install 'psycopg[binary]>=3.1'" in msg and "unreachable" not in msg and "PW@" not in msg
+
+
+def test_a_typo_in_the_storage_scheme_gets_the_nearest_one(tmp_path, capsys):
+    """Not "unreachable … check that the server runs": the scheme is misspelt, and nothing is created."""
+    err = run_cli(tune.main, [str(tune_yaml(tmp_path, storage=f"sqllite:///{tmp_path}/s.db")), "--no-progress"], capsys)
+    assert f"unknown database scheme 'sqllite'; did you mean sqlite:///{tmp_path}/s.db?" in err, err
+    assert "unreachable" not in err and not (tmp_path / "s.db").exists()
+    with pytest.raises(UserError) as e:
+        make_storage("postgress://alice:PW@host/db")
+    assert "did you mean postgresql://alice:***@host/db?" in str(e.value) and "PW" not in str(e.value)
 
 
 def test_storage_url_takes_secrets_from_the_environment(tmp_path, monkeypatch):

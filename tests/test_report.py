@@ -1,5 +1,6 @@
 """Tests for xclip_jax.report: JSON summary, importances, plots and the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -309,6 +310,23 @@ def test_next_step_is_the_training_command_or_what_to_change(tmp_path):
     assert verdict.next_step(cfg, "tune.yaml", {**won, "best_value": None}) is None
 
 
+def test_next_step_changes_a_flag_where_the_value_came_from_one(tmp_path):
+    """``--max-epochs 1`` on the command line: the advice to train longer is the flag's, and the
+    command that goes on keeps the other flags (the password masked)."""
+    from xclip_jax.tune_config import ParamSpace
+
+    cfg, _ = _tiny_study(tmp_path, record=False)
+    cfg = dataclasses.replace(cfg, max_epochs=1, search_space={**cfg.search_space, "init": ParamSpace(
+        choices=("default", "cca"))})
+    lost = {"best_value": 0.42, "baselines": _baseline(0.50), "interrupted": False}
+    flags = {"max_epochs": 1, "storage": "postgresql+psycopg://alice:PW@host/db"}
+    line = verdict.next_step(cfg, "tune.yaml", lost, flags)
+    assert line.startswith("next: train longer: set `--max-epochs 2`"), line
+    assert "python -m xclip_jax.tune tune.yaml --max-epochs 2 --storage postgresql+psycopg://alice:***@host/db " \
+           "--add-trials 6" in line and "PW" not in line and "in tune.yaml" not in line
+    assert verdict.next_step(cfg, "tune.yaml", lost).startswith("next: in tune.yaml, train longer: set `max_epochs: 2`")
+
+
 def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):
     """Six axes at most, the most important first, and labels that fit: a suffix every choice shares
     is dropped."""
@@ -324,6 +342,58 @@ def test_parallel_coordinate_draws_the_most_important_parameters(tmp_path):
     assert study_plots.parallel_params(study, imps) == ["p8", "p3", "p0", "p1", "p2", "p4"]
     assert study_plots._shared_suffix(["sigmoid_infonce", "softmax_infonce"]) == "_infonce"
     assert study_plots._shared_suffix(["siglip", "clip"]) == ""
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_parallel_coordinate_always_draws_the_head_type_with_its_labels_above_the_lines():
+    from matplotlib import pyplot as plt
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    from xclip_jax import study_plots
+
+    study = optuna.create_study(direction="maximize")
+    for i in range(6):
+        t = study.ask()
+        t.suggest_categorical("head_type", ["clip", "mlp"])
+        for j in range(8):
+            t.suggest_float(f"p{j}", 0.0, 1.0)
+        study.tell(t, float(i))
+    imps = {**{f"p{j}": 0.1 for j in range(8)}, "head_type": 0.0}  # the least important
+    params = study_plots.parallel_params(study, imps)
+    assert params[0] == "head_type" and len(params) == study_plots.PARALLEL_AXES
+    ax = plot_parallel_coordinate(study, params=params)
+    study_plots._readable_axes(ax)
+    axes = [a for a in ax.figure.axes if a is not ax and a.get_label() != "<colorbar>"]
+    labels = [label for a in axes for label in a.get_yticklabels() if label.get_text()]
+    assert labels and all(label.get_bbox_patch() is not None for label in labels)
+    assert all(a.get_zorder() > ax.get_zorder() for a in axes)  # drawn over the lines
+    plt.close(ax.figure)
+
+
+def test_intermediate_values_stay_readable_at_a_hundred_trials():
+    """A legend for the best few complete trials and one entry for the pruned ones, whatever the
+    number of trials; the others are coloured by their final value, the pruned ones grey."""
+    from xclip_jax import study_plots
+
+    study = optuna.create_study(direction="maximize")
+    for i in range(100):
+        t = study.ask()
+        pruned = i % 3 == 0
+        for step in range(2 if pruned else 5):
+            t.report((i % 17) / 20 * (step + 1) / 5, step)
+        study.tell(t, None if pruned else (i % 17) / 20, state=TrialState.PRUNED if pruned else TrialState.COMPLETE)
+    complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+    best = complete[:study_plots.LEGEND_TRIALS]
+    ax = study_plots._intermediate_matplotlib(study)
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    __import__("matplotlib.pyplot").pyplot.close(ax.figure)
+    assert texts == [f"#{t.number} {t.value:.3f}" for t in best] + ["pruned (34)"]
+    fig = study_plots._intermediate_plotly(study)
+    assert [d.name for d in fig.data if d.showlegend] == ["pruned"] + [f"#{t.number} {t.value:.3f}" for t in best[::-1]]
+    style = study_plots._curve_style
+    span = (complete[-1].value, complete[0].value)
+    assert style(complete[0], [], span)["color"] != style(complete[-1], [], span)["color"]
+    assert style(study.trials[0], [], span)["color"] == "#b4b4b4"  # pruned
 
 
 def test_the_top_trials_and_their_margins_are_in_best_results_and_one_line(tmp_path):

@@ -93,7 +93,7 @@ def test_pictures_without_scikit_learn_say_so_and_draw_the_pca(tmp_path, monkeyp
     written = figures.embedding_figures(zi, zt, np.repeat(np.arange(30), 3), samples=40, perplexity=5,
                                         out_dir=tmp_path, prefix="test", announce=said.append)
     assert written == [tmp_path / "test_pca.png"] and (tmp_path / "test_pca.png").stat().st_size > 5000
-    assert len(said) == 1 and "scikit-learn" in said[0] and "pip install '.[viz]'" in said[0]
+    assert len(said) == 1 and "scikit-learn" in said[0] and "pip install 'scikit-learn>=1.3'" in said[0]
 
 
 def test_pca_matches_a_float64_reference():
@@ -225,9 +225,14 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     part = tmp_path / "part"
     part.mkdir()
     train.main([str(write_config(part, epochs=2)), "--no-progress"])
-    train.main([str(write_config(part, epochs=4)), "--no-progress", "--resume"])
+    train.main([str(write_config(part, epochs=2)), "--no-progress", "--resume", "--num-epochs", "4"])
     out = capsys.readouterr().out
     assert "resume: training.num_epochs 2 -> 4 (applied)" in out
+    assert "\nresuming from epoch 2 (best so far: epoch " in out
+    # every finished run ends with what to do with its heads
+    ckpt = part / "out" / "tiny" / "checkpoint"
+    assert out.count(f"\nnext: python -m xclip_jax.export {ckpt} --format safetensors") == 2, out
+    assert f"python -m xclip_jax.evaluate {ckpt} --set NAME" in out
     # each run says once, at start, what it trains with (the config's values, the defaults filled in)
     assert out.count("\nsettings: model clip (output_dim 16, hidden_dim 32, dropout 0.1); loss softmax_infonce "
                      "(temperature 0.07, learnable_temp true); training batch_size 128, learning_rate 0.003, "
@@ -357,3 +362,30 @@ def test_an_evaluation_error_that_is_not_divergence_reaches_the_caller_as_itself
         fit.fit(create_train_state(spec, seed=0), to_device(sets["train"]), to_device(sets["val"]), num_epochs=1,
                 patience=1, progress=False)
     assert not isinstance(e.value, TrainingDiverged)
+
+
+def test_num_epochs_below_one_is_refused(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    assert "--num-epochs 0: give a number of epochs >= 1" in run_cli(train.main, [str(write_config(tmp_path)),
+                                                                               "--num-epochs", "0"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_over_an_interrupted_one_says_nothing(tmp_path, capsys):
+    """orbax removes the folder an interrupted save left (``<step>.orbax-checkpoint-tmp``) and logs a
+    WARNING about it through absl; the user sees nothing of it."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("absl").addHandler(handler)
+    try:
+        (tmp_path / "3.orbax-checkpoint-tmp").mkdir()
+        checkpoint.save_heads(tmp_path, {"w": np.zeros(3, np.float32)}, {}, {"epoch": 3}, step=3)
+    finally:
+        logging.getLogger("absl").removeHandler(handler)
+    assert checkpoint.latest_step(tmp_path) == 3
+    assert not [r for r in records if "Removing existing directory" in r.getMessage()], records
+    assert "Removing existing directory" not in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_best_config_trains_on_the_full_set_whatever_the_extensions(tmp_path):
     """A tuning config naming the original's .pt files, data made by `data split` (.npy): the final run
     reads the full train_* set, not the tuning subset; without a full set it says so."""
     from xclip_jax import data
-    from xclip_jax.tune_config import full_training_files
+    from xclip_jax.verdict import full_training_files
 
     d = tmp_path / "data"
     img, txt, ids = data.synthesize(20, 2, 4, 6, seed=0)
@@ -175,7 +175,8 @@ def test_a_skipped_combination_warning_says_each_reason_once(tmp_path):
 
 
 def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):
-    from xclip_jax.tune_config import INIT_LINE, ParamSpace, baseline_advice
+    from xclip_jax.tune_config import INIT_LINE, ParamSpace
+    from xclip_jax.verdict import baseline_advice
 
     cfg = load_tune_config(write(tmp_path))  # head_type: siglip, clip, mlp; no init
     change, same_study = baseline_advice(cfg)
@@ -187,3 +188,61 @@ def test_baseline_advice_gives_the_change_that_fits_the_config(tmp_path):
                                                          "head_type": ParamSpace(choices=("clip", "mlp"))})
     change, same_study = baseline_advice(no_cca_head)
     assert "choices: [clip, mlp, linear]" in change and INIT_LINE in change and not same_study
+
+
+def test_a_typo_in_a_choice_gets_the_nearest_name(tmp_path):
+    raw = yaml.safe_load(TUNE)
+    raw["search_space"]["head_type"]["choices"] = ["clipp", "siglip"]
+    raw["pruner"] = {"type": "SuccessiveHalvingPruner"}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_tune_config(path)
+    assert "search_space.head_type: 'clipp' is not a valid value (allowed: siglip, clip" in str(e.value)
+    assert str(e.value).endswith("did you mean 'clip'?"), e.value
+    raw["search_space"]["head_type"]["choices"] = ["clip"]
+    raw["pruner"] = {"type": "MedianPrunr"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="did you mean 'MedianPruner'"):
+        load_tune_config(path)
+
+
+def test_each_study_gets_folders_of_its_own_unless_the_config_names_them(tmp_path, monkeypatch):
+    """The original's configs name no folders: run one after another, each study writes into
+    optuna_results/<study_name> and checkpoints/<study_name>, so none refuses the next; a config that
+    names its folders keeps them, and a study that already owns the shared root stays there."""
+    from xclip_jax.runtime import check_owners, claim, with_study_folders
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "t.yaml"
+    path.write_text(TUNE)
+    cfg = load_tune_config(path)
+    assert (cfg.output_dir, cfg.checkpoint_dir) == (None, None)
+    a = with_study_folders(cfg)
+    b = with_study_folders(dataclasses.replace(cfg, study_name="other"))
+    assert (a.output_dir, a.checkpoint_dir) == ("optuna_results/s", "checkpoints/s")
+    for study in (a, b):
+        folders = {"output_dir": study.output_dir, "checkpoint_dir": study.checkpoint_dir}
+        check_owners(folders, study.study_name)  # would refuse a folder that holds the other's files
+        for folder in folders.values():
+            (tmp_path / folder).mkdir(parents=True)
+        claim(folders, study.study_name)
+    named = dataclasses.replace(cfg, output_dir="mine", checkpoint_dir="ckpts")
+    assert with_study_folders(named) == named
+    claim({"output_dir": "optuna_results"}, "old")  # a study begun when the roots were everyone's
+    old = with_study_folders(dataclasses.replace(cfg, study_name="old"))
+    assert (old.output_dir, old.checkpoint_dir) == ("optuna_results", "checkpoints/old")
+    with pytest.raises(Exception, match="can't name a folder; set output_dir"):
+        with_study_folders(dataclasses.replace(cfg, study_name="a/b"))
+
+
+def test_the_command_line_fills_in_the_folders_after_the_flags(tmp_path, monkeypatch):
+    from xclip_jax.tune_cli import command_line
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text(TUNE)
+    cfg, args, _ = command_line(["t.yaml", "--study-name", "flagged", "--max-epochs", "1"])
+    assert (cfg.output_dir, cfg.checkpoint_dir) == ("optuna_results/flagged", "checkpoints/flagged")
+    assert args.overrides == {"study_name": "flagged", "max_epochs": 1}
+    cfg, _, _ = command_line(["t.yaml", "--output-dir", "here"])
+    assert (cfg.output_dir, cfg.checkpoint_dir) == ("here", "checkpoints/s")

@@ -24,6 +24,15 @@ from xclip_jax.errors import UserError
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _orbax_notes(record: logging.LogRecord) -> bool:
+    # orbax clears the half-written folder an interrupted save left behind, and says so at WARNING
+    # level; nothing is wrong, and the line would reach the user's console.
+    return "Removing existing directory since it is not finalized" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_orbax_notes)
+
+
 def _manager(directory: Path, create: bool = True):
     import orbax.checkpoint as ocp
 

@@ -20,7 +20,18 @@ from typing import Any
 import yaml
 
 from xclip_jax.errors import UserError
-from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec, unused_fields
+from xclip_jax.spec import (
+    CCA_HEADS,
+    DTYPES,
+    HEAD_INITS,
+    HEAD_TYPES,
+    LOSS_TYPES,
+    SIGMOID_NORMALIZE,
+    HeadSpec,
+    LossSpec,
+    TrainingSpec,
+    unused_fields,
+)
 
 
 class ConfigError(UserError):
@@ -42,7 +53,21 @@ NO_DATA = ("no `data:` section: name the embedding files (base_data_dir, and dat
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
-    """An in-memory synthetic set (see ``xclip_jax.data.synthetic_splits``): no files needed."""
+    """An in-memory synthetic set (``data: {synthetic: {…}}``, see ``xclip_jax.data.synthetic_splits``):
+    COCO-like, deterministic, no files needed.
+
+    Attributes:
+      images: training images.
+      captions: captions (rows) per image.
+      image_dim, text_dim: the embedding widths of the two sides.
+      val_images, test_images: images of the validation and test sets.
+      noise: noise-to-signal ratio of each side (null: the generator's default, 1.75: hard; 0.5–1
+        learns in a few epochs).
+      seed: the generator's seed.
+      nonlinearity: spread of each map's tanh input (null: the generator's default, 1.5).
+      latent_dim: coordinates of each image's latent vector, which both sides see through maps of their own.
+      fold: share of latent coordinates the captions see only by magnitude, which no linear map recovers.
+    """
 
     images: int = 4000
     captions: int = 5
@@ -52,9 +77,9 @@ class SyntheticData:
     test_images: int = 500
     noise: float | None = None
     seed: int = 0
-    nonlinearity: float | None = None  # the generator's default (1.5) when null
+    nonlinearity: float | None = None
     latent_dim: int = 64
-    fold: float = 0.0  # share of latent coordinates captions see only by magnitude (0: none)
+    fold: float = 0.0
 
     def __post_init__(self):
         for name in ("images", "captions", "image_dim", "text_dim", "val_images", "test_images", "latent_dim"):
@@ -65,7 +90,17 @@ class SyntheticData:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the embedding sets are: file names relative to ``base_data_dir``, or ``synthetic``."""
+    """Where the embedding sets are (the ``data:`` section): file names relative to ``base_data_dir``,
+    or ``synthetic``. A name is read by the file rule: a converted ``.npy`` beside it wins.
+
+    Attributes:
+      train_image_embeddings, train_text_embeddings, train_metadata: the training set's files.
+      val_image_embeddings, val_text_embeddings, val_metadata: the validation set's files (early
+        stopping and pruning read it).
+      test_image_embeddings, test_text_embeddings, test_metadata: the test set's files (optional:
+        the final metrics and the baselines' test column).
+      synthetic: the built-in synthetic set instead of files (``synthetic: {}`` takes its defaults).
+    """
 
     train_image_embeddings: str | None = None
     train_text_embeddings: str | None = None
@@ -119,12 +154,26 @@ class EvaluationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A complete training run (the original's training YAML)."""
+    """A complete training run (the original's training YAML).
+
+    Attributes:
+      experiment_name: the run's folder under ``output_dir``.
+      output_dir: where runs are written, ``output_dir/experiment_name/``.
+      seed: the seed of initialisation, dropout and shuffling.
+      device: ``auto`` (JAX's default), ``cpu``, ``cuda`` or ``cuda:N`` (``gpu``, ``gpu:N``); ``cuda``
+        on a machine without a GPU trains on the CPU with a warning.
+      base_data_dir: the folder the data section's file names are relative to.
+      data: the embedding sets (required).
+      model: the heads.
+      training: optimisation and the fit loop.
+      loss: the contrastive loss.
+      evaluation: the final evaluation.
+    """
 
     experiment_name: str = "xclip"
     output_dir: str = "outputs"
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (gpu, gpu:N): where the training CLI runs
+    device: str = "auto"
     base_data_dir: str = "data"
     data: DataConfig | None = None
     model: HeadSpec = dataclasses.field(default_factory=HeadSpec)
@@ -163,6 +212,17 @@ def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
 # Keys the original spelled differently: old name -> our field name, per section.
 ALIASES = {"LossSpec": {"learnable_scale": "learnable_temp"}}
 
+# Keys whose value is one of a few names: {config class: {field: the names}}. A typo gets the nearest
+# name, and the configuration reference lists them; the tuning config adds its own classes' keys.
+CHOICES: dict[type, dict[str, tuple]] = {
+    HeadSpec: {"type": HEAD_TYPES, "init": HEAD_INITS},
+    LossSpec: {"type": LOSS_TYPES, "sigmoid_normalize": SIGMOID_NORMALIZE},
+    TrainingSpec: {"dtype": DTYPES},
+}
+
+# A tuning config's own top-level keys: given to the training CLI, they say which command it is for.
+TUNING_KEYS = ("study_name", "search_space", "n_trials", "pruner", "sampler", "fixed")
+
 
 # ----------------------------------------------------------------------------- building
 
@@ -170,6 +230,14 @@ ALIASES = {"LossSpec": {"learnable_scale": "learnable_temp"}}
 def _nearest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def choice_hint(value, allowed) -> str:
+    """``; did you mean 'clip'?`` for a value close to one of ``allowed`` (a typo), else ``""``."""
+    if not isinstance(value, str) or value in allowed:
+        return ""
+    close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _convert(value, tp, path: str):
@@ -249,7 +317,9 @@ def build(cls, mapping, path: str = ""):
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        hint = next((h for name, allowed in CHOICES.get(cls, {}).items()
+                     if (h := choice_hint(kwargs.get(name), allowed))), "")
+        raise ConfigError(f"{where}: {e}{hint}") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -273,13 +343,17 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Load and validate a training config YAML."""
+    raw = read_yaml(path)  # its errors name the file already
+    tuning = [key for key in TUNING_KEYS if key in raw]
+    if tuning:
+        raise ConfigError(f"{path}: a tuning config (it has {', '.join(tuning)}), not a training config; run "
+                          f"python -m xclip_jax.tune {path}, then train the best_config.yaml the study writes")
     try:
-        return build(TrainConfig, read_yaml(path))
+        return build(TrainConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-# Parameter names of the original's tuning code that differ from ours.
 def to_dict(cfg) -> dict:
     """A plain, YAML-ready dict of a config (tuples become lists)."""
 

@@ -3,6 +3,7 @@
 import errno
 import functools
 import re
+import shlex
 import sys
 import warnings
 
@@ -29,6 +30,28 @@ def exception_line(error: BaseException) -> str:
     text = str(error).strip()
     first = mask_secrets(text.splitlines()[0]) if text else ""
     return f"{type(error).__name__}: {first}"[:300] if first else type(error).__name__
+
+
+# PyTorch's wheels on PyPI bring the CUDA libraries (gigabytes) on Linux; its own index has CPU builds.
+TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs what the package's optional ``extra`` adds, from any folder (the
+    packages it names, read from the installed package's metadata; ``'.[extra]'`` works only in the
+    repository's root), e.g. ``pip install 'psycopg[binary]>=3.1'``."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("xclip_jax") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    wanted = [r.split(";")[0].replace(" ", "") for r in requires if marker.search(r)]
+    command = "pip install " + (" ".join(map(shlex.quote, wanted)) if wanted else shlex.quote(f"xclip_jax[{extra}]"))
+    if any(re.match(r"torch\b", w) for w in wanted):
+        command += f" (without a GPU: {TORCH_CPU}, which skips the CUDA libraries)"
+    return command
 
 
 class UserError(Exception):

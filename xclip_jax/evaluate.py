@@ -116,9 +116,8 @@ def metrics_path(checkpoint_dir, split: str) -> Path:
     return folder / f"metrics_{split}.json"
 
 
-def main(argv=None):
-    from xclip_jax.metrics import format_table
-
+def parser() -> argparse.ArgumentParser:
+    """``python -m xclip_jax.evaluate``'s argument parser."""
     parser = argparse.ArgumentParser(
         prog="python -m xclip_jax.evaluate",
         description="Retrieval metrics of trained heads: restore a checkpoint, project an embedding set (its "
@@ -129,7 +128,13 @@ def main(argv=None):
     parser.add_argument("--data-dir", metavar="DIR", help="folder with NAME_image_embeddings.* etc.")
     parser.add_argument("--out", metavar="FILE", help="JSON output (default: CHECKPOINT/metrics_<set>.json, one per checkpoint and set)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    from xclip_jax.metrics import format_table
+
+    args = parser().parse_args(argv)
     metrics = evaluate_checkpoint(args.checkpoint, args.set, args.data_dir)
     print(f"{args.set}:\n{format_table(metrics)}")
     out = Path(args.out) if args.out else metrics_path(args.checkpoint, args.set)

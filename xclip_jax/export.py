@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xclip_jax.errors import UserError, cli, exception_line
+from xclip_jax.errors import UserError, cli, exception_line, install_hint
 
 FORMATS = ("torch", "safetensors", "npz")
 SUFFIX = {"torch": ".pt", "safetensors": ".safetensors", "npz": ".npz"}
@@ -156,8 +156,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise UserError("--format torch needs PyTorch: pip install '.[torch]' (or use --format safetensors, "
-                        "which needs no torch)") from None
+        raise UserError(f"--format torch needs PyTorch: {install_hint('torch')}; or use --format safetensors, "
+                        "which needs no torch") from None
     return torch
 
 
@@ -232,7 +232,8 @@ def export_heads(checkpoint, fmt: str = "torch", out=None, force: bool = False) 
     return path
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """``python -m xclip_jax.export``'s argument parser."""
     parser = argparse.ArgumentParser(prog="python -m xclip_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by train or tune")
     parser.add_argument("--format", default="torch", help="torch (default: the original's best_model.pt), "
@@ -240,7 +241,11 @@ def main(argv=None):
     parser.add_argument("--out", help="the file to write (default: CHECKPOINT/best_model.pt|.safetensors|.npz)")
     parser.add_argument("--force", action="store_true", help="replace an existing file")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     path = export_heads(args.checkpoint, args.format, args.out, args.force)
     print(f"wrote {path}")
     return 0

@@ -1,6 +1,6 @@
 """Pictures of a training run: its curves, and where the heads put the test set's embeddings.
 
-numpy and matplotlib only (t-SNE needs the optional scikit-learn: ``pip install '.[viz]'``); every
+numpy and matplotlib only (t-SNE needs the optional scikit-learn, the ``viz`` extra); every
 function takes host arrays and writes one PNG.
 """
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xclip_jax.errors import install_hint
 from xclip_jax.spec import key_seed
 
 PCA_COMPONENTS = 50
@@ -141,5 +142,5 @@ def embedding_figures(zi_NxD, zt_TxD, row_image_T, *, samples: int, perplexity: 
         written.append(out_dir / f"{prefix}_tsne.png")
         plot_tsne(image, text, perplexity, written[-1], seed)
     elif announce:
-        announce("t-SNE picture skipped: it needs scikit-learn (pip install '.[viz]'); the PCA picture is drawn")
+        announce(f"t-SNE picture skipped: it needs scikit-learn ({install_hint('viz')}); the PCA picture is drawn")
     return written

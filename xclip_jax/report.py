@@ -33,11 +33,11 @@ from optuna.trial import FrozenTrial, TrialState
 from xclip_jax.config import dump_yaml
 from xclip_jax.errors import UserError, cli, exception_line
 from xclip_jax.final_pick import FINAL_PICK_ATTR, pick_line, picked_trial
-from xclip_jax.runtime import check_owners, claim, host_name
+from xclip_jax.runtime import check_owners, claim, default_folder, host_name
 from xclip_jax.study import BASELINES_ATTR, load_study
 from xclip_jax.study_plots import importances, write_plots
-from xclip_jax.tune_config import advice_line, best_train_config, load_tune_config
-from xclip_jax.verdict import against_baselines, below_baseline, top_trials
+from xclip_jax.tune_config import load_tune_config
+from xclip_jax.verdict import advice_line, against_baselines, below_baseline, best_train_config, top_trials
 
 _STATES = (
     TrialState.COMPLETE,
@@ -229,7 +229,6 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
 
 
 OUTPUT_DIR_ATTR = "xclip_output_dir"  # {host: the output_dir its driver writes to}: where report writes by default
-DEFAULT_OUTPUT_DIR = "optuna_results"
 
 
 def record_output_dir(study, output_dir) -> None:
@@ -292,13 +291,14 @@ def write_outputs(study, cfg) -> dict:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """``python -m xclip_jax.report``'s argument parser."""
     p = argparse.ArgumentParser(prog="python -m xclip_jax.report",
                                 description="Write a JSON summary, parameter importances and plots of an Optuna study.")
     p.add_argument("storage", metavar="STORAGE", help="storage URL, e.g. sqlite:///optuna.db")
     p.add_argument("study", metavar="STUDY", help="study name")
-    p.add_argument("--output-dir", help="where to write the outputs (default: the output_dir the study's tuner wrote "
-                                        f"to on this machine; {DEFAULT_OUTPUT_DIR} for a study it did not write)")
+    p.add_argument("--output-dir", metavar="DIR", help="where to write the outputs (default: the output_dir the "
+                   "study's tuner wrote to on this machine; optuna_results/STUDY for a study it did not write)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -328,16 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``python -m xclip_jax.report STORAGE STUDY [--output-dir DIR]``.
 
     Loads the study and writes its outputs: into ``--output-dir``, else the folder the study's tuner
-    wrote to on this machine (else ``optuna_results``); with the tuning config found there, every
+    wrote to on this machine (else the tuner's default, ``optuna_results/STUDY``); with the tuning config found there, every
     output (``write_outputs``: ``best_config.yaml`` and ``best_results.json`` too), else the report
     (``write_report``). A folder that holds another study's outputs is refused, as the tuner refuses
     it. Prints each file written and each plot skipped. Returns 0; a missing study, an unreachable
     storage or another study's folder is a UserError (one line on stderr, exit status 2).
     """
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     study = load_study(args.storage, args.study)
     recorded = recorded_output_dir(study)
-    out = Path(args.output_dir or recorded or DEFAULT_OUTPUT_DIR)
+    out = Path(args.output_dir or recorded or default_folder("output_dir", study.study_name))
     check_owners({"output_dir": out}, study.study_name)
     cfg = _tune_config(study, out, recorded)
     try:

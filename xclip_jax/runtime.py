@@ -3,6 +3,7 @@ header of a trial's ``cfg.yaml``, the host's name, and how the storage URL reach
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -34,7 +35,7 @@ def check_writable(directory: Path) -> None:
                         "or fix its permissions") from None
 
 
-def _owner(directory: Path, kind: str) -> str | None:
+def owner(directory: Path, kind: str) -> str | None:
     """The study that a checkpoint_dir / output_dir belongs to, or None for a fresh folder."""
     marker = directory / MARKER
     if marker.exists():
@@ -53,12 +54,12 @@ def check_owners(folders: dict, study_name: str) -> None:
     """Refuse ``{kind: folder}`` (checkpoint_dir, output_dir) that hold another study's files: trial
     numbers restart at 0 in every study and outputs have fixed names, so a second study would
     overwrite them. Reads only."""
-    taken = {kind: (folder, owner) for kind, folder in folders.items()
-             if (owner := _owner(Path(folder), kind)) not in (None, study_name)}
+    taken = {kind: (folder, name) for kind, folder in folders.items()
+             if (name := owner(Path(folder), kind)) not in (None, study_name)}
     if not taken:
         return
     what = {"checkpoint_dir": "the trial checkpoints", "output_dir": "the outputs"}
-    said = "; ".join(f"{kind} {folder} holds {what[kind]} of study '{owner}'" for kind, (folder, owner) in taken.items())
+    said = "; ".join(f"{kind} {folder} holds {what[kind]} of study '{name}'" for kind, (folder, name) in taken.items())
     flags = " and ".join(f"--{kind.replace('_', '-')}" for kind in taken)
     raise UserError(f"{said}: study '{study_name}' would overwrite them; give it its own {' and '.join(taken)} "
                     f"({flags})")
@@ -93,3 +94,26 @@ def start_baselines(cache_dir: Path, log_path: Path, env: dict) -> subprocess.Po
     return subprocess.Popen([sys.executable, "-m", "xclip_jax.baselines", "--cache", str(cache_dir), "--out",
                              str(cache_dir / "baselines.json")], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+# Where a study writes when its config names no folder: a folder of its own under each of these, so
+# that studies run one after another (the original's configs, say) never share one.
+FOLDER_ROOTS = {"output_dir": "optuna_results", "checkpoint_dir": "checkpoints"}
+
+
+def default_folder(kind: str, study_name: str) -> str:
+    """A study's ``kind`` folder (output_dir, checkpoint_dir) when its config names none:
+    ``optuna_results/<study_name>`` or ``checkpoints/<study_name>``, or the root itself where it already
+    holds this study's files (a study begun when the roots were every study's folders)."""
+    root = FOLDER_ROOTS[kind]
+    if owner(Path(root), kind) == study_name:
+        return root
+    if not study_name or Path(study_name).name != study_name or study_name in (".", ".."):
+        raise UserError(f"study_name {study_name!r} can't name a folder; set {kind} in the config")
+    return str(Path(root) / study_name)
+
+
+def with_study_folders(cfg):
+    """A tuning config with each folder it leaves null filled in (:func:`default_folder`)."""
+    changes = {kind: default_folder(kind, cfg.study_name) for kind in FOLDER_ROOTS if getattr(cfg, kind) is None}
+    return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -61,7 +61,7 @@ class HeadSpec:
     """A head's architecture (the ``model:`` section).
 
     Attributes:
-      type: one of ``HEAD_TYPES``.
+      type: the head's architecture (``HEAD_TYPES``).
       output_dim: size of the shared embedding space.
       hidden_dim: hidden width for clip/mlp; ``None`` means ``in_dim // 2``. Unused by siglip and
         attention (as in the original).
@@ -97,7 +97,7 @@ class LossSpec:
     """The contrastive loss (the ``loss:`` section).
 
     Attributes:
-      type: one of ``LOSS_TYPES``.
+      type: the loss (``LOSS_TYPES``).
       temperature: τ at the start (data: the loss params hold ``log(1/τ)``).
       learnable_temp: learn τ (the original's ``learnable_scale``).
       learnable_bias: sigmoid only: learn the SigLIP bias (init −10); false is the original's b = 0.

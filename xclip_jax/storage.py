@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 
-from xclip_jax.errors import UserError, exception_line, mask_secrets
+from xclip_jax.errors import UserError, exception_line, install_hint, mask_secrets
 
 _ENV_REF = re.compile(r"\$\{(\w+)\}")
 
@@ -74,13 +74,30 @@ def make_storage(url: str, *, heartbeat: tuple[float, float] | None = None, must
         return retry_races(open_it)
     except ImportError:  # Optuna's own check, or SQLAlchemy's import of the driver
         raise UserError(f"storage {shown}: its database driver is not installed; for PostgreSQL "
-                        "pip install '.[postgres]' (psycopg 3) and use postgresql+psycopg://…") from None
+                        f"{install_hint('postgres')} (psycopg 3) and use postgresql+psycopg://…") from None
     except Exception as e:  # sqlalchemy raises many kinds
+        if type(e).__name__ == "NoSuchModuleError":  # SQLAlchemy knows no database of that name
+            raise UserError(unknown_scheme(url)) from None
         if is_race(e):
             raise UserError(f"storage {shown}: creating its tables kept colliding with other drivers doing the same "
                             f"({mask_secrets(exception_line(e))}); rerun the command") from None
         raise UserError(f"storage {shown} is unreachable ({mask_secrets(exception_line(e))}); check the URL and "
                         "that the server runs") from None
+
+
+# The URL schemes of the databases Optuna's storage is used with (SQLAlchemy's dialect[+driver]).
+SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+
+
+def unknown_scheme(url: str) -> str:
+    """The one line for a URL whose scheme names no database SQLAlchemy knows (``sqllite:///…``)."""
+    import difflib
+
+    scheme = url.split("://", 1)[0]
+    close = difflib.get_close_matches(scheme, SCHEMES, n=1, cutoff=0.6)
+    fix = (f"did you mean {mask_secrets(close[0] + url[len(scheme):])}?" if close else
+           "use sqlite:///FILE or postgresql+psycopg://user@host/db")
+    return f"storage {mask_secrets(url)}: unknown database scheme {scheme!r}; {fix}"
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -1,6 +1,7 @@
 """A study's parameter importances and its plots: for each of :data:`PLOT_NAMES`, ``NAME.html`` (plotly, with
-``plotly.min.js`` beside it so the folder works offline) and ``NAME.png`` (optuna's matplotlib
-plots). A plot the study can't support yet, or whose drawing fails, is skipped with a reason."""
+one ``plotly.min.js`` beside them so the folder works offline) and ``NAME.png`` (optuna's matplotlib
+plots; the intermediate values are drawn here, coloured by state and value, so that a hundred trials
+stay readable). A plot the study can't support yet, or whose drawing fails, is skipped with a reason."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ PLOT_NAMES = (
     "intermediate_values",
 )
 # The parallel-coordinate plot draws the most important parameters only: a study's dozen axes
-# crowd a picture of the default size until their labels overlap.
+# crowd a picture of the default size until their labels overlap. The head type is always one.
 PARALLEL_AXES = 6
+ALWAYS_DRAWN = ("head_type",)
+# The intermediate-values plot names the best few complete trials; the others are coloured by their
+# final value (complete) or greyed (pruned), so that 20 or 100 trials stay readable.
+LEGEND_TRIALS = 5
 
 
 def _complete_trials(study: optuna.Study):
@@ -112,11 +117,12 @@ class _Precomputed(optuna.importance.BaseImportanceEvaluator):
 
 
 def parallel_params(study: optuna.Study, imps: dict[str, float]) -> list[str]:
-    """The parameters the parallel-coordinate plot draws: the :data:`PARALLEL_AXES` most important
-    (importances.json's order), then, without importances, the others by name."""
+    """The parameters the parallel-coordinate plot draws: :data:`ALWAYS_DRAWN` (the head type), then
+    the most important (importances.json's order), then, without importances, the others by name;
+    :data:`PARALLEL_AXES` in all."""
     names = sorted(set().union(*(t.params for t in _complete_trials(study))))
-    ranked = [n for n in imps if n in names] + [n for n in names if n not in imps]
-    return ranked[:PARALLEL_AXES]
+    ranked = [n for n in ALWAYS_DRAWN if n in names] + [n for n in imps if n in names] + [n for n in names if n not in imps]
+    return list(dict.fromkeys(ranked))[:PARALLEL_AXES]
 
 
 def _plot_kwargs(name: str, study: optuna.Study, imps: dict[str, float]) -> dict:
@@ -132,7 +138,10 @@ def _plot_kwargs(name: str, study: optuna.Study, imps: dict[str, float]) -> dict
 def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
     import optuna.visualization as vis
 
-    fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
+    if name == "intermediate_values":
+        fig = _intermediate_plotly(study)
+    else:
+        fig = getattr(vis, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
     if name == "optimization_history":
         for label, value in _baseline_lines(study):
             fig.add_hline(y=value, line_dash="dot", line_color="grey", annotation_text=label,
@@ -150,7 +159,10 @@ def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
         # Optuna marks every matplotlib plot experimental; the warning would be
         # repeated for each PNG of every report and tells the reader nothing.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
+        if name == "intermediate_values":
+            ax = _intermediate_matplotlib(study)
+        else:
+            ax = getattr(vis_mpl, f"plot_{name}")(study, **_plot_kwargs(name, study, imps))
     fig = _figure_of(ax)
     if name == "optimization_history":
         for i, (label, value) in enumerate(_baseline_lines(study)):
@@ -172,7 +184,8 @@ def _baseline_lines(study: optuna.Study) -> list[tuple[str, float]]:
 
 def _readable_axes(ax) -> None:
     """Room for each axis' labels: the figure widens with the axes, a suffix that every choice of an
-    axis shares (``_infonce``) is dropped, and a parameter a trial did not use reads ``n/a``."""
+    axis shares (``_infonce``) is dropped, a parameter a trial did not use reads ``n/a``, and each
+    label sits on a white box above the lines that cross it."""
     fig = ax.figure
     axes = [a for a in fig.axes if a is not ax and a.get_label() != "<colorbar>"]  # one per parameter
     fig.set_size_inches(2.5 + 1.9 * len(axes), 5)
@@ -183,6 +196,105 @@ def _readable_axes(ax) -> None:
         if suffix or "None" in labels:
             axis.set_yticks(axis.get_yticks())
             axis.set_yticklabels(["n/a" if text == "None" else text[:len(text) - len(suffix)] for text in labels])
+        axis.set_zorder(ax.get_zorder() + 1)  # the labels above the lines, which belong to ax
+        axis.patch.set_visible(False)
+        axis.tick_params(axis="y", which="both", labelsize=8)
+        for label in axis.get_yticklabels(which="both"):
+            label.set_bbox({"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.0})
+
+
+def _curves(study: optuna.Study) -> tuple[list[FrozenTrial], list[int], tuple[float, float] | None]:
+    """The trials that reported intermediate values, the numbers of the best complete ones (best
+    first) and the range of the complete trials' values (None when none completed)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    best = [t.number for t in sorted(complete, key=lambda t: t.value, reverse=maximize)[:LEGEND_TRIALS]]
+    values = [t.value for t in complete]
+    return trials, best, (min(values), max(values)) if values else None
+
+
+def _curve_style(t: FrozenTrial, best: list[int], span) -> dict:
+    """How one trial's curve is drawn: a complete trial in the colour of its final value (the best few
+    thicker, on top, in the legend), a pruned one thin and grey, any other dotted red."""
+    from matplotlib import colormaps, colors
+
+    if t.state == TrialState.COMPLETE and span is not None and t.value is not None and math.isfinite(t.value):
+        low, high = span
+        color = colors.to_hex(colormaps["viridis"]((t.value - low) / (high - low) if high > low else 1.0))
+        top = t.number in best
+        return {"color": color, "width": 2.4 if top else 1.1, "dash": "solid", "z": 3 if top else 2,
+                "label": f"#{t.number} {t.value:.3f}" if top else None}
+    if t.state == TrialState.PRUNED:
+        return {"color": "#b4b4b4", "width": 0.8, "dash": "solid", "z": 1, "label": None}
+    return {"color": "#d62728", "width": 0.8, "dash": "dot", "z": 1, "label": None}
+
+
+def _curve_points(t: FrozenTrial) -> tuple[list[int], list[float]]:
+    steps = sorted(t.intermediate_values)
+    return steps, [t.intermediate_values[s] for s in steps]
+
+
+def _intermediate_matplotlib(study: optuna.Study):
+    """Each trial's validation R@1 per epoch, coloured by state and final value (see ``_curve_style``)."""
+    from matplotlib import colormaps, colors
+    from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    trials, best, span = _curves(study)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for t in trials:
+        style, (steps, values) = _curve_style(t, best, span), _curve_points(t)
+        ax.plot(steps, values, color=style["color"], linewidth=style["width"], zorder=style["z"],
+                linestyle=":" if style["dash"] == "dot" else "-", label=style["label"])
+        if t.state == TrialState.PRUNED:
+            ax.plot(steps[-1:], values[-1:], marker="x", markersize=4, color="#8c8c8c", zorder=1)
+    labelled = sorted((line for line in ax.get_lines() if not line.get_label().startswith("_")),
+                      key=lambda line: best.index(int(line.get_label()[1:].split()[0])))
+    counts = {state: sum(t.state == state for t in trials) for state in (TrialState.PRUNED, TrialState.FAIL)}
+    extra = [Line2D([], [], color="#b4b4b4", marker="x", label=f"pruned ({counts[TrialState.PRUNED]})")]
+    if counts[TrialState.FAIL]:
+        extra.append(Line2D([], [], color="#d62728", linestyle=":", label=f"failed ({counts[TrialState.FAIL]})"))
+    ax.legend(handles=labelled + extra, title="best trials", fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.25, 1.0))
+    if span is not None:
+        bar = fig.colorbar(plt.cm.ScalarMappable(colors.Normalize(*span), colormaps["viridis"]), ax=ax, pad=0.02)
+        bar.set_label("final value (complete trials)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation R@1", title=f"Intermediate values ({len(trials)} trials)")
+    return ax
+
+
+def _intermediate_plotly(study: optuna.Study):
+    """The same picture as ``_intermediate_matplotlib``, interactive: a legend entry per best trial and
+    one for the pruned ones (a click hides them), each curve's trial in its hover text."""
+    import plotly.graph_objects as go
+
+    trials, best, span = _curves(study)
+    fig = go.Figure()
+    shown_pruned = False
+    for t in sorted(trials, key=lambda t: (_curve_style(t, best, span)["z"], -best.index(t.number)
+                                            if t.number in best else 0)):
+        style, (steps, values) = _curve_style(t, best, span), _curve_points(t)
+        pruned = t.state == TrialState.PRUNED
+        name = style["label"] or ("pruned" if pruned else f"#{t.number}")
+        fig.add_trace(go.Scatter(
+            x=steps, y=values, mode="lines", name=name, line={"color": style["color"], "width": style["width"],
+                                                              "dash": style["dash"]},
+            legendgroup="pruned" if pruned else None, showlegend=bool(style["label"]) or (pruned and not shown_pruned),
+            legendrank=best.index(t.number) if t.number in best else 1000,
+            hovertemplate=f"trial {t.number} ({t.state.name.lower()})<br>epoch %{{x}}<br>R@1 %{{y:.4f}}<extra></extra>"))
+        shown_pruned = shown_pruned or pruned
+    if span is not None:  # the colour scale of the complete trials' final values
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip", marker={
+            "colorscale": "Viridis", "cmin": span[0], "cmax": span[1], "color": [span[0]], "showscale": True,
+            "colorbar": {"title": {"text": "final value"}, "x": 1.0, "xanchor": "left"}}))
+    fig.update_layout(title=f"Intermediate values ({len(trials)} trials)", xaxis_title="epoch",
+                      yaxis_title="validation R@1", legend={"title": {"text": "best trials"}, "x": 1.12},
+                      template="plotly_white")
+    fig.update_xaxes(dtick=1)
+    return fig
 
 
 def _shared_suffix(labels: list[str]) -> str:

@@ -112,7 +112,9 @@ def _resumed(resume_dir: Path, ckpt_dir: Path, state: TrainState, config: dict):
     check_resumable(saved.get("config"), config)
     state, saved = checkpoint.restore_state(resume_dir, state)
     best_params, _ = checkpoint.load_raw(ckpt_dir)
-    return jax.device_put(state), FitState.from_json(saved, best_params)
+    fs = FitState.from_json(saved, best_params)
+    print(f"resuming from epoch {fs.epoch} (best so far: epoch {fs.best_epoch}, val R@1 {fs.best_r1:.4f})")
+    return jax.device_put(state), fs
 
 
 def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -> dict:
@@ -176,7 +178,7 @@ INTERRUPTED = ("interrupted: the last finished epoch is saved; run the same comm
 def select_device(device: str):
     """The JAX device a config's ``device`` names (None: JAX's default). ``cuda``/``gpu`` on a machine
     where JAX sees no GPU warns in one line and trains on the CPU, as the original fell back."""
-    from xclip_jax.errors import UserError, warn
+    from xclip_jax.errors import UserError, install_hint, warn
 
     if device == "auto":
         return None
@@ -185,7 +187,7 @@ def select_device(device: str):
     try:
         devices = jax.devices(platform)
     except RuntimeError:
-        warn(f"device: {device}, but JAX sees no GPU (install with pip install '.[cuda12]'); training on the CPU")
+        warn(f"device: {device}, but JAX sees no GPU (install with {install_hint('cuda12')}); training on the CPU")
         return jax.devices("cpu")[0]
     if int(index or 0) >= len(devices):
         raise UserError(f"device: {device}, but JAX sees {len(devices)} {platform} device(s); "
@@ -193,13 +195,9 @@ def select_device(device: str):
     return devices[int(index or 0)]
 
 
-def main(argv=None):
-    """``python -m xclip_jax.train CONFIG [--resume] [--output-dir DIR] [--no-progress]``."""
+def parser():
+    """``python -m xclip_jax.train``'s argument parser."""
     import argparse
-
-    from xclip_jax.config import load_train_config
-    from xclip_jax.errors import UserError
-    from xclip_jax.metrics import format_table
 
     parser = argparse.ArgumentParser(
         prog="python -m xclip_jax.train",
@@ -211,12 +209,37 @@ def main(argv=None):
                                        "best_config.yaml")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     parser.add_argument("--output-dir", metavar="DIR", help="write under DIR instead of the config's output_dir")
+    parser.add_argument("--num-epochs", type=int, metavar="N", help="train at most N epochs instead of the config's "
+                                                                  "training.num_epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def next_line(out_dir: Path) -> str:
+    """The line that ends a training run: what to do with its heads."""
+    import shlex
+
+    ckpt = shlex.quote(str(out_dir / "checkpoint"))
+    return (f"next: python -m xclip_jax.export {ckpt} --format safetensors   (the heads for other code; --format torch "
+            f"writes the original's best_model.pt); python -m xclip_jax.evaluate {ckpt} --set NAME --data-dir DIR "
+            "scores them on another set")
+
+
+def main(argv=None):
+    """``python -m xclip_jax.train CONFIG [--resume] [--output-dir DIR] [--num-epochs N] [--no-progress]``."""
+    from xclip_jax.config import load_train_config
+    from xclip_jax.errors import UserError
+    from xclip_jax.metrics import format_table
+
+    args = parser().parse_args(argv)
+    if args.num_epochs is not None and args.num_epochs < 1:
+        raise UserError(f"--num-epochs {args.num_epochs}: give a number of epochs >= 1")
     cfg = load_train_config(args.config)
     if args.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
+    if args.num_epochs is not None:
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, num_epochs=args.num_epochs))
     out_dir = Path(cfg.output_dir) / cfg.experiment_name
     try:
         with jax.default_device(select_device(cfg.device)):
@@ -228,6 +251,8 @@ def main(argv=None):
         if split in summary.get("metrics", {}):
             print(f"\n{split}:\n{format_table(summary['metrics'][split])}")
     print(f"\noutputs in {out_dir}")
+    if "metrics" in summary:  # a best epoch was saved
+        print(next_line(out_dir))
     return 0
 
 

@@ -41,6 +41,7 @@ from xclip_jax.runtime import (
     host_name,
     runner_env,
     start_baselines,
+    with_study_folders,
 )
 from xclip_jax.storage import make_storage, sqlite_file
 from xclip_jax.padding import for_backend
@@ -356,7 +357,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     warning = st.pruning_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    cfg, chosen = for_backend(cfg)
+    cfg, chosen = for_backend(with_study_folders(cfg))
     cfg, searched = implicit_init(cfg)
     for line in (chosen, searched):
         if line:
@@ -400,10 +401,10 @@ def main(argv=None):
     for line in (top_line(result.get("top_trials") or []), final_pick.pick_line(result.get("final_pick"))):
         if line:
             print(line)
-    report_baselines(result.get("best_value"), result.get("baselines"), cfg)
+    report_baselines(result.get("best_value"), result.get("baselines"), cfg, args.overrides)
     if result["halt"]:
         raise UserError(result["halt"])
-    line = next_step(cfg, config_path, result)
+    line = next_step(cfg, config_path, result, args.overrides)
     if line:
         print(line)
     if result["interrupted"]:

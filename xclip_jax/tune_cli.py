@@ -9,6 +9,7 @@ from pathlib import Path
 
 from xclip_jax.config import ConfigError
 from xclip_jax.errors import UserError
+from xclip_jax.runtime import with_study_folders
 from xclip_jax.tune_config import TuneConfig, load_tune_config, validate_tune
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -32,7 +33,8 @@ OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_d
              "max_patience", "batch_trials")
 
 
-def _parser():
+def parser() -> argparse.ArgumentParser:
+    """``python -m xclip_jax.tune``'s argument parser."""
     parser = argparse.ArgumentParser(
         prog="python -m xclip_jax.tune",
         description="Run or resume an Optuna study that tunes projection heads: each trial trains in a runner "
@@ -51,8 +53,10 @@ def _parser():
     parser.add_argument("--n-jobs", type=int, metavar="N", help="trial processes at once on this machine")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="start no trial after this many seconds of this run")
-    parser.add_argument("--output-dir", metavar="DIR", help="where the best config, results, summary and plots go")
-    parser.add_argument("--checkpoint-dir", metavar="DIR", help="where each trial's checkpoint goes")
+    parser.add_argument("--output-dir", metavar="DIR", help="where the best config, results, summary and plots go "
+                                                         "(default: optuna_results/STUDY)")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="where each trial's checkpoint goes "
+                                                             "(default: checkpoints/STUDY)")
     parser.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial")
     parser.add_argument("--max-patience", type=int, metavar="N",
                         help="stop a trial after N epochs without a better validation R@1")
@@ -70,8 +74,9 @@ def _parser():
 
 def command_line(argv=None) -> tuple[TuneConfig, argparse.Namespace, str]:
     """``python -m xclip_jax.tune``'s command line: the typed config (its YAML, with the flags named after
-    its keys applied and checked like the YAML), the other flags, and the config's path."""
-    args = _parser().parse_args(argv)
+    its keys applied and checked like the YAML, and the study's folders filled in), the other flags
+    (``overrides``: the keys the flags set, ``{key: value}``), and the config's path."""
+    args = parser().parse_args(argv)
     if args.add_trials is not None and args.add_trials < 1:
         raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
     config_path = _config_path(args.config, args.config_option)
@@ -82,4 +87,5 @@ def command_line(argv=None) -> tuple[TuneConfig, argparse.Namespace, str]:
             cfg = validate_tune(dataclasses.replace(cfg, **overrides))
         except ValueError as e:
             raise ConfigError(f"command-line override: {e}") from None
-    return cfg, args, config_path
+    args.overrides = overrides
+    return with_study_folders(cfg), args, config_path

@@ -1,6 +1,5 @@
 """The tuning config (the original's optuna YAML, typed): study settings, the search space and its
-conditions, the pruner and sampler; each trial's complete training config; the change to make when a
-study loses to a linear baseline; ``python -m xclip_jax.tune``'s command line (flags override keys).
+conditions, the pruner and sampler; each trial's complete training config.
 
 Searchable parameters are the fields of the training config's ``model``, ``loss`` and ``training``
 sections (the core's specs), derived from those fields, so no parameter is listed twice.
@@ -12,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from xclip_jax.config import (
+    CHOICES,
     NO_DATA,
     ConfigError,
     DataConfig,
@@ -19,20 +19,33 @@ from xclip_jax.config import (
     _check,
     _nearest,
     build,
+    choice_hint,
     read_yaml,
 )
-from xclip_jax.errors import UserError
+from xclip_jax.errors import install_hint
 from xclip_jax.padding import PADDINGS
+from xclip_jax.runtime import FOLDER_ROOTS
 from xclip_jax.spec import CCA_HEADS, HeadSpec, LossSpec, TrainingSpec
 
 # ----------------------------------------------------------------------------- the tuning config
 
 
+PARAM_TYPES = ("categorical", "float", "int")
+PRUNERS = ("SuccessiveHalvingPruner", "HyperbandPruner", "MedianPruner", "NopPruner")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpace:
-    """One search-space entry: ``type`` with ``choices`` or ``low``/``high``/``log``/``step``.
+    """One search-space entry (``search_space: {NAME: {…}}``).
 
-    ``when`` maps another parameter to the values for which this one is sampled.
+    Attributes:
+      type: ``categorical`` (with ``choices``), ``float`` or ``int`` (with ``low`` and ``high``).
+      choices: the values a categorical parameter takes.
+      low, high: a numeric parameter's range, both ends included.
+      log: sample a numeric parameter on a log scale (``low`` must be > 0).
+      step: a numeric parameter's step (``int``: 1 when null; ``float``: continuous when null).
+      when: the condition under which it is sampled, ``{OTHER: [values]}`` (e.g.
+        ``{head_type: [clip, mlp]}``); it replaces the parameter's default condition.
     """
 
     type: str = "categorical"
@@ -44,7 +57,7 @@ class ParamSpace:
     when: dict | None = None
 
     def __post_init__(self):
-        _check(self.type in ("categorical", "float", "int"), f"type must be categorical, float or int, got {self.type!r}")
+        _check(self.type in PARAM_TYPES, f"type must be categorical, float or int, got {self.type!r}")
         if self.type == "categorical":
             _check(bool(self.choices), "a categorical parameter needs a non-empty `choices` list")
         else:
@@ -67,6 +80,19 @@ class ParamSpace:
 
 @dataclasses.dataclass(frozen=True)
 class PrunerConfig:
+    """The pruner (``pruner:``), which stops trials that lag at a rung; a step is an epoch.
+
+    Attributes:
+      type: Optuna's pruner of that name.
+      min_resource: successive halving and Hyperband: epochs before the first rung.
+      reduction_factor: successive halving and Hyperband: rungs lie at ``min_resource ×
+        reduction_factor^k``, and each keeps the top 1/reduction_factor.
+      min_early_stopping_rate: successive halving: the first rung is at ``min_resource ×
+        reduction_factor^min_early_stopping_rate``.
+      n_startup_trials: median pruner: trials that finish before any is pruned.
+      n_warmup_steps: median pruner: epochs of each trial before it can be pruned.
+    """
+
     type: str = "SuccessiveHalvingPruner"
     min_resource: int = 1
     reduction_factor: int = 3
@@ -75,8 +101,7 @@ class PrunerConfig:
     n_warmup_steps: int = 1
 
     def __post_init__(self):
-        allowed = ("SuccessiveHalvingPruner", "HyperbandPruner", "MedianPruner", "NopPruner")
-        _check(self.type in allowed, f"unknown pruner {self.type!r}; allowed: {', '.join(allowed)}")
+        _check(self.type in PRUNERS, f"unknown pruner {self.type!r}; allowed: {', '.join(PRUNERS)}")
         _check(self.min_resource >= 1, "min_resource must be >= 1")
         _check(self.reduction_factor >= 2, "reduction_factor must be >= 2")
         _check(self.min_early_stopping_rate >= 0, "min_early_stopping_rate must be >= 0")
@@ -92,12 +117,21 @@ SAMPLER_NEEDS = {"tpe": (), "random": (), "qmc": (), "gp": ("torch", "scipy"), "
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """The sampler (``sampler:``): Optuna's TPE (``multivariate``, ``group``, ``constant_liar``,
-    ``n_startup_trials``), ``gp`` (GPSampler), ``cmaes``, ``qmc`` or ``random``. With
-    ``batch_trials: K`` the start-up trials count bundles: K x ``n_startup_trials`` trials."""
+    """The sampler (``sampler:``). The defaults are the setting the search-quality benchmark chose:
+    the best worst case and the smallest spread of the picked head's test R@1 over sampler seeds.
 
-    # The defaults are the setting the search-quality benchmark chose (the best worst case and the
-    # smallest spread of the picked head's test R@1 over sampler seeds; benchmarks/RESULTS.md).
+    Attributes:
+      type: Optuna's ``tpe`` (TPESampler), ``gp`` (GPSampler), ``cmaes``, ``qmc`` or ``random``.
+      seed: the sampler's seed; each trial's draws come from it and the trial's number, and so does
+        its training seed.
+      multivariate: TPE: model the parameters jointly.
+      group: TPE: split the space by the parameters each trial used (needs multivariate; null:
+        as multivariate).
+      constant_liar: TPE: treat running trials as bad, so parallel trials spread out.
+      n_startup_trials: TPE: random trials before the model is used (with ``batch_trials: K``, K
+        times as many trials: start-up counts bundles).
+    """
+
     type: str = "tpe"
     seed: int = 42
     multivariate: bool = False
@@ -112,7 +146,7 @@ class SamplerConfig:
         import importlib.util
 
         missing = [m for m in SAMPLER_NEEDS[self.type] if importlib.util.find_spec(m) is None]
-        _check(not missing, f"sampler {self.type} needs {' and '.join(missing)}: pip install '.[{self.type}]'")
+        _check(not missing, f"sampler {self.type} needs {' and '.join(missing)}: {install_hint(self.type)}")
 
 
 # A trial runner runs this many trials, then a fresh one replaces it (and earlier, when its resident
@@ -123,36 +157,66 @@ RUNNER_MAX_MEMORY_GB = 16.0
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
-    """A tuning study (the original's optuna YAML plus sampler, output_dir, fixed, devices)."""
+    """A tuning study (the original's optuna YAML, and keys of its own).
+
+    Attributes:
+      study_name: the study's name in the storage: rerunning a config resumes its study.
+      n_trials: the study's total of finished trials; a rerun runs the rest (``--add-trials N`` adds N).
+      n_jobs: trial processes at once on this machine.
+      storage: an Optuna storage URL (``sqlite:///FILE``, ``postgresql+psycopg://…``); ``${NAME}`` is expanded.
+      timeout: seconds after which no trial starts (null: no limit); n_trials still caps the study.
+      budget_minutes: a time budget: trials start while one more fits (and the final pick's runs after
+        them), whatever n_trials says (null: none).
+      base_data_dir: the folder the data section's file names are relative to.
+      data: the embedding sets, as in a training config.
+      search_space: the searched parameters, ``{NAME: {type, choices or low/high/log/step, when}}``.
+      pruner: the pruner; its rungs count epochs.
+      sampler: the sampler.
+      search_init: search ``init`` over [default, cca] where a head can start from CCA and no ``init`` is named.
+      max_epochs: epochs per trial (a training config's ``num_epochs``).
+      max_patience: a trial stops after this many epochs without a better validation R@1.
+      output_dir: the study's outputs and logs; null: ``optuna_results/<study_name>`` (``runtime.with_study_folders``).
+      checkpoint_dir: each trial's best epoch, in ``{trial:05d}/``; null: ``checkpoints/<study_name>``.
+      fixed: training settings not searched, by their search-space names (``output_dim: 512``).
+      devices: GPU indices to spread trial processes over, the least busy first; null: JAX's default.
+      final_epochs, final_patience: ``num_epochs`` and ``patience`` of ``best_config.yaml``.
+      final_pick: which trial the study hands over: ``best`` (the best validation R@1) or ``rerun`` (the
+        top ``final_pick_trials`` trained again with ``final_pick_seeds`` fresh seeds each; the best mean).
+      final_pick_trials, final_pick_seeds: the candidates of ``final_pick: rerun`` and their fresh runs each.
+      heartbeat_interval: seconds between a running trial's heartbeats.
+      grace_period: seconds without a heartbeat before another driver fails the trial and reruns it.
+      trial_timeout: seconds after which a trial process is killed (null: never).
+      trial_memory_limit_gb: a cap on each trial process's memory; a trial over it fails (null: none).
+      runner_max_trials: trials a runner process runs before a fresh one replaces it (1: one per trial).
+      runner_max_memory_gb: replace a runner whose resident memory is over this after a trial (null: never).
+      compile_ahead: compile a runner's next trial while one trains (null: on a GPU, or n_jobs < CPUs).
+      batch_trials: trials of one head, loss and batch size trained together in one program (1: each alone);
+        ``auto``: 1 on a CPU, more on a GPU, said at start-up.
+      padding: what widths pad to in a program: ``exact``, ``pow2``, ``max``; ``auto``: max on a GPU, else exact.
+      baselines: fit the closed-form linear baselines and report the best trial against them.
+    """
 
     study_name: str = "xclip_tuning"
     n_trials: int = 100
     n_jobs: int = 1
     storage: str = "sqlite:///optuna_study.db"
     timeout: float | None = None
-    # A time budget: trials start while one more fits (and the final pick after them), whatever
-    # n_trials says; the study ends about then.
     budget_minutes: float | None = None
     base_data_dir: str = "data"
     data: DataConfig | None = None
     search_space: dict = dataclasses.field(default_factory=dict)
     pruner: PrunerConfig = dataclasses.field(default_factory=PrunerConfig)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
-    # Search init over [default, cca] where the space has a head that can start from CCA and the
-    # config does not name init (see implicit_init).
     search_init: bool = True
     max_epochs: int = 8
     max_patience: int = 2
-    output_dir: str = "optuna_results"
-    checkpoint_dir: str = "checkpoints"
+    output_dir: str | None = None
+    checkpoint_dir: str | None = None
     fixed: dict = dataclasses.field(default_factory=dict)
     devices: tuple[int, ...] | None = None
     final_epochs: int = 50
     final_patience: int = 5
-    # Which configuration the study hands over (final_pick.py): best (the best validation R@1), or
-    # rerun (the top final_pick_trials trials trained again with final_pick_seeds fresh seeds each,
-    # the best mean wins).
-    final_pick: str = "best"
+    final_pick: str = "best"  # final_pick.py; the default is the one the search benchmark chose
     final_pick_trials: int = 3
     final_pick_seeds: int = 2
     heartbeat_interval: int = 10
@@ -162,10 +226,8 @@ class TuneConfig:
     runner_max_trials: int = RUNNER_MAX_TRIALS
     runner_max_memory_gb: float | None = RUNNER_MAX_MEMORY_GB
     compile_ahead: bool | None = None
-    batch_trials: int | str = 1  # or auto: padding.GPU_BATCH_TRIALS on a GPU, 1 on a CPU
-    # What each trial's widths pad to in its compiled program (padding.PADDINGS); auto: the space's
-    # largest choice on a GPU, padding.CPU_PADDING on a CPU (measured: benchmarks/RESULTS.md).
-    padding: str = "auto"
+    batch_trials: int | str = 1  # or auto: padding.for_backend's choice
+    padding: str = "auto"  # auto: padding.resolve's choice for the device (measured: benchmarks/RESULTS.md)
     baselines: bool = True
 
     def __post_init__(self):
@@ -187,6 +249,9 @@ class TuneConfig:
         _check(self.budget_minutes is None or self.budget_minutes > 0, "budget_minutes must be > 0 or null")
         _check(self.grace_period > self.heartbeat_interval, "grace_period must exceed heartbeat_interval")
 
+
+CHOICES.update({ParamSpace: {"type": PARAM_TYPES}, PrunerConfig: {"type": PRUNERS},
+                SamplerConfig: {"type": tuple(SAMPLER_NEEDS)}, TuneConfig: {"padding": ("auto", *PADDINGS)}})
 
 # The sections of a TrainConfig whose fields are searchable, and their specs (the core's).
 SECTION_TYPES = {"model": HeadSpec, "loss": LossSpec, "training": TrainingSpec}
@@ -257,12 +322,16 @@ def validate_tune(cfg: TuneConfig) -> TuneConfig:
     trial_config(cfg, {})
     for name, space in spaces.items():
         values = list(space.choices) if space.type == "categorical" else [space.low, space.high]
+        section, key = PARAM_PATHS[name]
+        allowed = CHOICES.get(SECTION_TYPES[section], {}).get(key)
         for value in values:
             try:
                 trial_config(cfg, {name: int(value) if space.type == "int" else value})
             except ConfigError as e:
-                raise ConfigError(f"search_space.{name}: {value!r} is not a valid value "
-                                  f"({str(e).rsplit(': ', 1)[-1]}); remove it") from None
+                why = f"allowed: {', '.join(allowed)}" if allowed else str(e).rsplit(": ", 1)[-1]
+                hint = choice_hint(value, allowed) if allowed else ""
+                raise ConfigError(f"search_space.{name}: {value!r} is not a valid value ({why})"
+                                  f"{hint or '; remove it'}") from None
     return dataclasses.replace(cfg, search_space=spaces)
 
 
@@ -291,8 +360,8 @@ def _training_sections(raw: dict) -> None:
 
 def load_tune_config(path: str | Path) -> TuneConfig:
     """Load and validate a tuning config YAML."""
+    raw = read_yaml(path)  # its errors name the file already
     try:
-        raw = read_yaml(path)
         _training_sections(raw)
         return validate_tune(build(TuneConfig, raw))
     except ConfigError as e:
@@ -312,7 +381,7 @@ def trial_config(cfg: TuneConfig, params: dict, trial_number: int | None = None,
     name = experiment_name or (f"{cfg.study_name}_trial{trial_number:05d}" if trial_number is not None else cfg.study_name)
     raw = {
         "experiment_name": name,
-        "output_dir": str(Path(cfg.output_dir) / "train"),
+        "output_dir": str(Path(cfg.output_dir or FOLDER_ROOTS["output_dir"]) / "train"),
         "seed": seed,
         "base_data_dir": cfg.base_data_dir,
         "data": dataclasses.asdict(cfg.data),
@@ -322,44 +391,6 @@ def trial_config(cfg: TuneConfig, params: dict, trial_number: int | None = None,
         return build(TrainConfig, raw)
     except ConfigError as e:
         raise ConfigError(f"fixed/search values give an invalid training config: {e}") from None
-
-
-def full_training_files(cfg) -> tuple[dict, str | None]:
-    """The study tuned on the tuning subset (``train_tuning_*``); the final run should train on the
-    full training split (``train_*``). Returns ``(changes to the data section, warning or None)``,
-    the file names found by the same rule as every command (a converted ``.npy`` wins)."""
-    from xclip_jax.data import resolve_file
-
-    data, base = cfg.data, Path(cfg.base_data_dir)
-    names = {f"train_{part}": getattr(data, f"train_{part}")
-             for part in ("image_embeddings", "text_embeddings", "metadata")}
-    if data.synthetic is not None or not all("train_tuning_" in n for n in names.values()):
-        return {}, None
-    changes = {}
-    for key, name in names.items():
-        full = name.replace("train_tuning_", "train_")
-        try:
-            found = resolve_file(base / full) if key != "train_metadata" else base / full
-        except UserError:
-            continue
-        if found.is_file():
-            changes[key] = str(found.relative_to(base))
-    if len(changes) == 3:
-        return changes, None
-    return {}, (f"best_config.yaml trains on the tuning subset ({names['train_image_embeddings']} …): no full "
-                f"training set train_* was found in {base}; make it with python -m xclip_jax.data split, "
-                "or edit the data section of best_config.yaml")
-
-
-def best_train_config(cfg, trial):
-    """The complete training config of the best trial, for a full run on the full data; and a warning
-    when the full training set is not there (the config then keeps the tuning subset)."""
-    tc = trial_config(cfg, trial.params, trial_number=trial.number, experiment_name=f"{cfg.study_name}_best")
-    changes, warning = full_training_files(cfg)
-    if changes:
-        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **changes))
-    training = dataclasses.replace(tc.training, num_epochs=cfg.final_epochs, patience=cfg.final_patience)
-    return dataclasses.replace(tc, training=training, output_dir="outputs"), warning
 
 
 INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
@@ -382,31 +413,3 @@ def implicit_init(cfg: TuneConfig) -> tuple[TuneConfig, str | None]:
     line = (f"search_space: init searched over [default, cca] for the {' and '.join(cca_heads)} head "
             "(the CCA warm start); search_init: false (or fixed: {init: default}) turns it off")
     return dataclasses.replace(cfg, search_space={**cfg.search_space, "init": space}), line
-
-
-def baseline_advice(cfg) -> tuple[str, bool]:
-    """What to change in a tuning config whose best trial lost to a linear baseline: the exact YAML
-    that starts heads from the CCA solution (or, when they can already, that trains longer).
-
-    Returns ``(the change, whether the same study can go on with it)``: a new search-space entry
-    can join a study, other choices for an entry it has can't (a new study_name then).
-    """
-    space = cfg.search_space
-    heads = list(space["head_type"].choices) if "head_type" in space else [cfg.fixed.get("head_type", HeadSpec().type)]
-    if "init" in space or cfg.fixed.get("init") == "cca":
-        return (f"train longer: set `max_epochs: {2 * cfg.max_epochs}`, or widen learning_rate's range", True)
-    if any(h in CCA_HEADS for h in heads):
-        return f"start heads from the CCA solution: add `{INIT_LINE}` under search_space", True
-    if "head_type" in space:
-        choices = ", ".join(map(str, heads + ["linear"]))
-        change = (f"start heads from the CCA solution: under search_space set `head_type: {{type: categorical, "
-                  f"choices: [{choices}]}}` and add `{INIT_LINE}`")
-        return change, False
-    return "start heads from the CCA solution: set `head_type: linear` and `init: cca` under fixed", False
-
-
-def advice_line(cfg) -> str:
-    """:func:`baseline_advice` in one phrase (with a new study_name where the study can't go on)."""
-    change, same_study = baseline_advice(cfg)
-    return change if same_study else f"{change}, under a new study_name"
-

@@ -17,15 +17,9 @@ def _load_config(path):
     return load_tune_config(path) if {"search_space", "study_name", "n_trials"} & set(raw) else load_train_config(path)
 
 
-def main(argv=None):
-    """``python -m xclip_jax.baselines CONFIG`` (a training or tuning config) prints the baselines'
-    table; ``--cache DIR --out FILE`` (what a tuning study runs) reads a driver's data cache and
-    writes the results as JSON."""
+def parser():
+    """``python -m xclip_jax.baselines``' argument parser."""
     import argparse
-    import json
-    from pathlib import Path
-
-    from xclip_jax import data
 
     parser = argparse.ArgumentParser(
         prog="python -m xclip_jax.baselines",
@@ -37,7 +31,20 @@ def main(argv=None):
     parser.add_argument("--cache", help="a tuning driver's data cache folder, read instead of a config's data")
     parser.add_argument("--out", help="also write the results (every baseline, its search and metrics) as JSON here")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    """``python -m xclip_jax.baselines CONFIG`` (a training or tuning config) prints the baselines'
+    table; ``--cache DIR --out FILE`` (what a tuning study runs) reads a driver's data cache and
+    writes the results as JSON."""
+    import json
+    from pathlib import Path
+
+    from xclip_jax import data
+
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.cache:
         splits = data.cached_splits(Path(args.cache))
         sets = data.read_cache(Path(args.cache), splits=splits)
@@ -45,7 +52,7 @@ def main(argv=None):
         cfg = _load_config(args.config)
         sets = data.load_sets(cfg.data, cfg.base_data_dir)
     else:
-        parser.error("give a config, or --cache DIR")
+        cli.error("give a config, or --cache DIR")
     results = compute_baselines(sets["train"], sets["val"], sets.get("test"))
     print(format_baselines(results))
     if args.out:

@@ -119,7 +119,8 @@ def _cmd_check(args) -> None:
     print(f"{describe(load_named_set(args.dir, args.name))}; no NaN/Inf; OK")
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """``python -m xclip_jax.data``'s argument parser (one subcommand each: synth, split, convert, check)."""
     parser = argparse.ArgumentParser(
         prog="python -m xclip_jax.data",
         description="Create, split, convert and check embedding sets (add --debug for tracebacks).",
@@ -133,10 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", type=int, default=20_000, help="train images (default 20000)")
     p.add_argument("--captions", type=int, default=5, help="captions per image (default 5)")
-    p.add_argument("--image-dim", type=int, default=768)
-    p.add_argument("--text-dim", type=int, default=1024)
-    p.add_argument("--val-images", type=int, default=1_000)
-    p.add_argument("--test-images", type=int, default=1_000)
+    p.add_argument("--image-dim", type=int, default=768, help="image embedding width (default 768)")
+    p.add_argument("--text-dim", type=int, default=1024, help="text embedding width (default 1024)")
+    p.add_argument("--val-images", type=int, default=1_000, help="validation images (default 1000)")
+    p.add_argument("--test-images", type=int, default=1_000, help="test images (default 1000)")
     p.add_argument(
         "--noise", type=float, default=DEFAULT_NOISE, help=f"noise-to-signal ratio (default {DEFAULT_NOISE})"
     )
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=float, default=0.0,
                    help="share of latent coordinates the captions see only by magnitude, which no linear map "
                         "recovers (default 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the generator's seed (default 0)")
     p.add_argument("--tuning-size", type=int, default=100_000, help="rows in train_tuning (default 100000)")
     p.set_defaults(run=_cmd_synth)
 
@@ -153,10 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source-dir", required=True, help="folder holding the source set")
     p.add_argument("--source", default="train2017", help="set to split (default train2017)")
     p.add_argument("--out", default=None, help="output folder (default: --source-dir)")
-    p.add_argument("--test-ratio", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--tuning-size", type=int, default=100_000)
-    p.add_argument("--tuning-seed", type=int, default=42)
+    p.add_argument("--test-ratio", type=float, default=0.2, help="share of the images that go to test (default 0.2)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the train/test split (default 42)")
+    p.add_argument("--tuning-size", type=int, default=100_000, help="rows in train_tuning (default 100000)")
+    p.add_argument("--tuning-seed", type=int, default=42, help="seed of the tuning subset (default 42)")
     p.add_argument("--val-source", default="val2017", help="set copied to 'val' when present (default val2017)")
     p.set_defaults(run=_cmd_split)
 
@@ -175,5 +176,5 @@ def _parser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> None:
     """Command-line entry point: ``python -m xclip_jax.data {synth,split,convert,check} ...``."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     args.run(args)

@@ -24,7 +24,7 @@ from xclip_jax.data.sets import (
     _row_chunks,
     from_rows,
 )
-from xclip_jax.errors import UserError
+from xclip_jax.errors import UserError, install_hint
 
 EXTENSIONS = (".npy", ".safetensors", ".pt")  # in order of preference when several exist
 IMAGE_SUFFIX = "_image_embeddings"
@@ -135,7 +135,7 @@ def _read_torch(path: Path) -> np.ndarray:
     except ImportError:
         raise UserError(
             f"{path}: reading .pt files needs PyTorch, which is not installed; "
-            f"`pip install xclip_jax[torch]`, or convert once with `python -m xclip_jax.data convert {path.parent}` "
+            f"`{install_hint('torch')}`, or convert once with `python -m xclip_jax.data convert {path.parent}` "
             "where torch is installed and use the .npy files"
         ) from None
     try:
