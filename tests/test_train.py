@@ -16,6 +16,7 @@ from xclip_jax.config import load_train_config
 from xclip_jax.evaluate import evaluate_checkpoint
 from xclip_jax.metrics import retrieval_metrics_indexed
 from xclip_jax.encode import encode
+from xclip_jax.errors import UserError
 from xclip_jax.spec import RunSpec
 from xclip_jax.step import to_device
 
@@ -245,6 +246,21 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     p_full, _ = checkpoint.load_raw(full / "out/tiny/checkpoint")
     p_part, _ = checkpoint.load_raw(part / "out/tiny/checkpoint")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_full, p_part)
+
+
+def test_training_again_into_an_earlier_run_refuses_and_keeps_it(tmp_path):
+    """A second run without --resume into a folder holding a run would mix its checkpoints with the
+    earlier run's (the newest step wins): it stops in one line before training, and nothing changes."""
+    cfg = write_config(tmp_path, epochs=2)
+    train.main([str(cfg), "--no-progress"])
+    run = tmp_path / "out" / "tiny"
+    before, meta = checkpoint.load_raw(run / "checkpoint")
+    metrics = (run / "metrics.json").read_text()
+    with pytest.raises(UserError, match=r"holds an earlier run's checkpoint; continue it with --resume"):
+        train.main([str(cfg), "--no-progress", "--num-epochs", "1"])
+    after, meta_after = checkpoint.load_raw(run / "checkpoint")
+    assert meta_after == meta and (run / "metrics.json").read_text() == metrics
+    jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
 @pytest.mark.parametrize("change,said", [

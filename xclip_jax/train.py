@@ -134,11 +134,16 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     from xclip_jax import checkpoint
     from xclip_jax.config import settings_line, to_dict
     from xclip_jax.data import load_sets
+    from xclip_jax.errors import UserError
     from xclip_jax.evaluate import write_evaluation
     from xclip_jax.figures import plot_curves
 
     out_dir = Path(out_dir)
     ckpt_dir, resume_dir = out_dir / "checkpoint", out_dir / "resume"
+    if not resume and (checkpoint.latest_step(ckpt_dir) is not None or checkpoint.latest_step(resume_dir) is not None):
+        # a new run's checkpoints would mix with the earlier run's (the newest step wins): keep the earlier run
+        raise UserError(f"{out_dir} holds an earlier run's checkpoint; continue it with --resume, train anew "
+                        f"with --output-dir DIR (or another experiment_name), or remove {out_dir} first")
     sets = load_sets(cfg.data, cfg.base_data_dir)
     check_fits(cfg, sets["train"])
     print(settings_line(cfg, sets["train"].image_dim, sets["train"].text_dim))
