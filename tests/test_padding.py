@@ -16,7 +16,8 @@ from xclip_jax.step import fresh_states, to_device
 DI, DT = 12, 16
 EPOCHS = 3
 # Every width of the cases below pads to a larger bucket (a queue of 48 live slots in 200).
-WIDE = Buckets.of("max", {"output_dim": (8, 24), "hidden_dim": (16, 40), "num_layers": (1, 3), "queue_size": (48, 200)})
+WIDE = Buckets.of("max", {"output_dim": (8, 24), "hidden_dim": (16, 40), "num_layers": (1, 3), "queue_size": (48, 200),
+                          "num_heads": (1, 4)})
 
 
 @pytest.fixture(scope="module")

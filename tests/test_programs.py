@@ -92,11 +92,11 @@ def test_programs_are_keyed_on_what_they_use():
     widths = Buckets.of("max", {"output_dim": (8, 32), "num_layers": (1, 3)})
     padded = [RunSpec(HeadSpec("attention", o, num_layers=n), LossSpec(), TrainingSpec(batch_size=4), 8, 12)
               for o, n in ((8, 1), (32, 3), (16, 2))]
-    for same in (attention, softmax, [key(s, widths) for s in padded]):
-        keys = {x if not isinstance(x, RunSpec) else key(x) for x in same}
+    heads = Buckets.of("exact", {"num_heads": (2, 4)})  # a study's heads: its most, whatever the padding
+    for specs, buckets in ((attention, heads), (softmax, Buckets()), (padded, widths)):
+        keys = {key(s, buckets) for s in specs}
         assert len(keys) == 1, keys
         k = keys.pop()
-        states = [jax.eval_shape(lambda s=s: fresh_states(k, stack([hparams(s, 0)]))) for s in
-                  (same if isinstance(same[0], RunSpec) else padded)]
+        states = [jax.eval_shape(lambda s=s: fresh_states(k, stack([hparams(s, 0)]))) for s in specs]
         assert programs.epoch_fn(states[0], data) is programs.epoch_fn(states[1], data)
     assert key(padded[0]) != key(padded[1])  # without padding, each width is its own program

@@ -104,7 +104,7 @@ class _Members:
 
     def best_params(self, i: int) -> dict:
         """Member ``i``'s params now, on the host and at its real widths."""
-        params = jax.device_get(member(self.state.params, self.slot[i]))
+        params = member(jax.device_get(self.state.params), self.slot[i])  # indexed on the host: no program per shape
         return {**unpad(params, self.real[i]), "loss": params["loss"]}
 
     def member_state(self, i: int) -> TrainState:

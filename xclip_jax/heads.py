@@ -107,13 +107,19 @@ def dropout(module: nn.Module, x, rate, train: bool, keep_shape=None):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def _per_head(shape, num_heads):
+def _per_head(shape, num_heads, max_heads):
     """A dropout mask over [B, D] with one decision per example and attention head: the dims of head
-    h (D / num_heads of them, ``num_heads`` data) all take the decision drawn at the head's first dim."""
-    d = shape[-1]
-    per_head = d // num_heads
-    first = (jnp.arange(d) // per_head) * per_head
-    return lambda key, keep: jax.random.bernoulli(key, keep, shape)[:, first]
+    h (D / num_heads of them, ``num_heads`` data) all take head h's decision. Head h's decisions are
+    drawn from ``fold_in(key, h)``, for ``max_heads`` (static, >= num_heads) heads: B x max_heads
+    draws, not B x D, and the same decisions whatever ``max_heads`` a program has."""
+    b, d = shape
+    head_of = jnp.arange(d) // (d // num_heads)
+
+    def keep_shape(key, keep):
+        draws = jax.vmap(lambda h: jax.random.bernoulli(jax.random.fold_in(key, h), keep, (b,)))(jnp.arange(max_heads))
+        return draws.T[:, head_of]
+
+    return keep_shape
 
 
 class MaskedLayerNorm(nn.Module):
@@ -151,7 +157,7 @@ class Head(nn.Module):
     output_dim: int
     hidden_dim: int = 0
     num_layers: int = 1
-    num_heads: int = 1
+    num_heads: int = 1  # in a program, the most heads a member has: attention dropout draws that many
     dropout: float = 0.0
     dtype: str = "float32"
 
@@ -208,6 +214,7 @@ class AttentionBlock(nn.Module):
     """
 
     dtype: Any = jnp.float32
+    max_heads: int = 1  # the most heads a member of the program has (static; num_heads is data)
 
     @nn.compact
     def __call__(self, x, num_heads, live=True, *, train: bool = False, dropout_rate=0.0):
@@ -216,7 +223,7 @@ class AttentionBlock(nn.Module):
         # PyTorch: in_proj_weight [3E, E] Xavier-uniform, biases 0; out_proj Linear init, bias 0.
         v = torch_linear(dim, fan_in=dim, live=live, kernel=_uniform(math.sqrt(6.0 / (dim + 3 * dim))), bias=_zeros,
                          dtype=self.dtype, name="v_proj")(x)
-        v = dropout(self, v, dropout_rate, train, _per_head(v.shape, num_heads))
+        v = dropout(self, v, dropout_rate, train, _per_head(v.shape, num_heads, self.max_heads))
         attn = torch_linear(dim, fan_in=dim, live=live, bias=_zeros, dtype=self.dtype, name="out_proj")(v)
         return _layer_norm(live)(x + attn)
 
@@ -233,7 +240,7 @@ class AttentionHead(Head):
         dtype, rate = jnp.dtype(self.dtype), self._rate(dropout_rate)
         for layer in range(self.num_layers):
             live = layer < w.num_layers
-            block = AttentionBlock(dtype, name=f"AttentionBlock_{layer}")
+            block = AttentionBlock(dtype, max(self.num_heads, 1), name=f"AttentionBlock_{layer}")
             x = jnp.where(live, block(x, w.num_heads, live, train=train, dropout_rate=rate), x)
         z = self._out(x, in_dim, w=w)
         return l2_normalize(MaskedLayerNorm(name="LayerNorm_0")(z, w.output_dim))

@@ -86,7 +86,7 @@ def count(tree) -> int:
 def make_pair(key: ProgramKey) -> tuple[Head, Head]:
     """The image and text heads at the key's static widths, matmuls in its dtype."""
     return tuple(build_head(key.head, output_dim=key.output_dim, hidden_dim=hidden, num_layers=key.num_layers,
-                            dtype=key.dtype) for hidden in key.hidden)
+                            num_heads=max(key.num_heads, 1), dtype=key.dtype) for hidden in key.hidden)
 
 
 def init_heads(key: ProgramKey, hp: HParams, rng: jax.Array) -> dict:
@@ -119,6 +119,7 @@ def real_key(key: ProgramKey, hp: HParams) -> ProgramKey:
         key, output_dim=int(hp.output_dim),
         hidden=(int(hp.hidden_image), int(hp.hidden_text)) if key.hidden != (0, 0) else (0, 0),
         num_layers=int(hp.num_layers) if key.num_layers else 0,
+        num_heads=int(hp.num_heads) if key.num_heads else 0,
         queue_size=int(hp.queue_size) if key.queue_size else 0)
 
 

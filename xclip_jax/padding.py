@@ -66,6 +66,11 @@ class Buckets:
             values = [v or in_dim // 2 for v in values]
         return bucket(value, values, self.policy)
 
+    def most(self, field: str, value: int) -> int:
+        """The largest size ``field`` takes (at least ``value``), whatever the policy: for a size that
+        costs no FLOPs (the attention heads, whose dropout draws one decision per head)."""
+        return max((value, *dict(self.sizes).get(field, ())))
+
     def spread(self, field: str, dims=(0, 0)) -> bool:
         """Whether the sizes of ``field`` fall into more than one bucket (trials that differ in it may
         need different programs)."""
@@ -88,6 +93,7 @@ def program_key(spec: RunSpec, buckets: Buckets = EXACT) -> ProgramKey:
     return ProgramKey(head=head.type, image_dim=spec.image_dim, text_dim=spec.text_dim,
                       output_dim=buckets.pad("output_dim", head.output_dim), hidden=hidden,
                       num_layers=buckets.pad("num_layers", head.num_layers) if head.type == "attention" else 0,
+                      num_heads=buckets.most("num_heads", head.num_heads) if head.type == "attention" else 0,
                       dtype=training.dtype, loss=loss.type,
                       queue_size=buckets.pad("queue_size", loss.queue_size) if loss.type == "queue_infonce" else 0,
                       batch_size=training.batch_size)
@@ -135,7 +141,7 @@ def study_buckets(cfg) -> Buckets:
     """What a tuning study's widths pad to: its ``padding`` over the sizes each width can take (its
     search-space values, else its fixed value; a width neither names is the default, itself)."""
     sizes = {}
-    for field in WIDTH_FIELDS:
+    for field in (*WIDTH_FIELDS, "num_heads"):
         if field in cfg.search_space:
             sizes[field] = tuple(cfg.search_space[field].values())
         elif field in cfg.fixed:

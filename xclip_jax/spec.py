@@ -210,7 +210,9 @@ class ProgramKey:
     Attributes:
       head, loss: the types. image_dim, text_dim: the inputs.
       output_dim: the output width. hidden: the hidden width of each side (clip, mlp).
-      num_layers: attention blocks. queue_size: the queue's slots. batch_size, dtype: the step's.
+      num_layers: attention blocks. num_heads: the most attention heads a member may have (its
+        dropout draws one decision per example and head; each member's own count is data).
+      queue_size: the queue's slots. batch_size, dtype: the step's.
     """
 
     head: str
@@ -219,6 +221,7 @@ class ProgramKey:
     output_dim: int
     hidden: tuple[int, int] = (0, 0)
     num_layers: int = 0
+    num_heads: int = 0
     dtype: str = "float32"
     loss: str = ""
     queue_size: int = 0
