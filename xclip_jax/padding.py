@@ -2,7 +2,8 @@
 
 A program is keyed on a :class:`~xclip_jax.spec.ProgramKey`: the head and loss types, the data's
 dims, the batch size, the dtype and the *padded* widths (output, hidden, attention layers, queue
-slots). A trial's real widths travel as data (``model.HParams``), so every trial whose widths pad
+slots), and the most attention heads (the space's largest, under any policy: it sets only how many
+dropout decisions a step draws). A trial's real widths travel as data (``model.HParams``), so every trial whose widths pad
 to the same buckets trains in the same program. Plain Python (no jax): the tuning driver groups
 trials into bundles with it.
 
