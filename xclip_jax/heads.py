@@ -240,7 +240,7 @@ class AttentionHead(Head):
         dtype, rate = jnp.dtype(self.dtype), self._rate(dropout_rate)
         for layer in range(self.num_layers):
             live = layer < w.num_layers
-            block = AttentionBlock(dtype, max(self.num_heads, 1), name=f"AttentionBlock_{layer}")
+            block = AttentionBlock(dtype, self.num_heads, name=f"AttentionBlock_{layer}")
             x = jnp.where(live, block(x, w.num_heads, live, train=train, dropout_rate=rate), x)
         z = self._out(x, in_dim, w=w)
         return l2_normalize(MaskedLayerNorm(name="LayerNorm_0")(z, w.output_dim))
