@@ -15,7 +15,7 @@ LAYERS = [
     {"heads", "metrics"},                                                # the core
     {"config", "data", "figures", "storage", "runtime", "pool", "model"},  # edges, I/O, processes; a trial's model
     {"tune_config", "step", "encode", "baselines"},                      # tuning config; the step; evaluation; baselines
-    {"checkpoint", "programs", "space", "study", "study_plots", "tune_cli", "verdict", "final_pick"},         # checkpoints, kept programs; the study policy
+    {"checkpoint", "programs", "space", "initial", "study", "study_plots", "tune_cli", "verdict", "final_pick"},         # checkpoints, kept programs; the study policy
     {"evaluate", "fit", "report", "export"},                             # evaluation, the fit loop; study outputs; export
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver

@@ -75,6 +75,12 @@ def sample(trial: optuna.Trial, cfg: TuneConfig) -> dict:
     return _walk(cfg, lambda name, space: suggest(trial, name, space))
 
 
+def active(cfg: TuneConfig, params: dict) -> dict:
+    """The parameters of ``params`` that are active given the others (and the fixed values)."""
+    walked = _walk(cfg, lambda name, space: params.get(name))
+    return {name: value for name, value in params.items() if name in walked}
+
+
 def key_params(cfg: TuneConfig, dims: tuple[int, int]) -> frozenset:
     """The searchable parameters that decide a trial's compiled program: the static ones (head and loss
     types, batch size, dtype) and the widths whose values pad to more than one bucket under the

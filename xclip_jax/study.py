@@ -108,16 +108,23 @@ def make_sampler(cfg: TuneConfig):
 
 
 def make_pruner(cfg: TuneConfig):
+    """The config's pruner; with an initial design, successive halving and the median pruner compare
+    a trial only with trials of its own ``init`` (``initial.ByInit``; Hyperband keeps its brackets)."""
+    from xclip_jax.initial import ByInit, uses_design
+
     p = cfg.pruner
-    if p.type == "SuccessiveHalvingPruner":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor,
-                                                      min_early_stopping_rate=p.min_early_stopping_rate)
     if p.type == "HyperbandPruner":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=cfg.max_epochs,
                                               reduction_factor=p.reduction_factor)
-    if p.type == "MedianPruner":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    return optuna.pruners.NopPruner()
+    if p.type == "SuccessiveHalvingPruner":
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
+                                                        reduction_factor=p.reduction_factor,
+                                                        min_early_stopping_rate=p.min_early_stopping_rate)
+    elif p.type == "MedianPruner":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    else:
+        return optuna.pruners.NopPruner()
+    return ByInit(pruner) if uses_design(cfg) else pruner
 
 
 def pruning_warning(cfg: TuneConfig) -> str | None:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from xclip_jax import space
+from xclip_jax import initial, space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax import final_pick
@@ -78,11 +78,13 @@ class Driver:
         cfg = self.cfg
         folders = {"checkpoint_dir": Path(cfg.checkpoint_dir), "output_dir": self.out}
         check_owners(folders, cfg.study_name)
+        existing = None
         if not _new_sqlite_file(cfg.storage):  # a server, or a file that is there: open it now, it may hold the study
             self._open_storage()
             existing = st.find_study(self.storage, cfg.study_name)
             if existing is not None:
                 space.check_space(existing, cfg)
+        design = initial.design(self.storage, existing, cfg)
         self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
@@ -101,6 +103,9 @@ class Driver:
         if self.storage is None:
             self._open_storage()
         self.study = st.open_study(self.storage, cfg)  # safe to race: drivers started at one moment
+        line = initial.enqueue(self.study, design)
+        if line:
+            print(line)
         claim(folders, cfg.study_name)
         record_output_dir(self.study, self.out)
         data.write_cache(sets, self.cache_dir)

@@ -30,7 +30,7 @@ def _config_path(positional: str | None, option: str | None) -> str:
 
 # Command-line flags that override the config's key of the same name.
 OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_dir", "checkpoint_dir", "max_epochs",
-             "max_patience", "batch_trials")
+             "max_patience", "batch_trials", "warm_start_from")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-trials", type=lambda v: v if v == "auto" else int(v), metavar="K",
                         help="train K trials of one head, loss and batch size in one program (1: each alone; auto: "
                              "1 on a CPU, more on a GPU)")
+    parser.add_argument("--warm-start-from", metavar="STUDY",
+                        help="run the best trials of STUDY (same storage) that fit this space first")
     parser.add_argument("--add-trials", type=int, metavar="N",
                         help="run N trials more than the study has finished (what rerunning the original did); "
                              "an addition, where --n-trials is the total")

@@ -194,6 +194,10 @@ class TuneConfig:
         ``auto``: 1 on a CPU, more on a GPU, said at start-up.
       padding: what widths pad to in a program: ``exact``, ``pow2``, ``max``; ``auto``: max on a GPU, else exact.
       baselines: fit the closed-form linear baselines and report the best trial against them.
+      initial_trials: trials enqueued before the sampler's own: ``recipes`` (the closed form made trainable,
+        a head started from CCA, moved into the space), ``none``, or a list of parameter dicts.
+      warm_start_from: an earlier study in the same storage whose best trials that fit this space run first.
+      warm_start_trials: how many of ``warm_start_from``'s best complete trials run first.
     """
 
     study_name: str = "xclip_tuning"
@@ -229,9 +233,16 @@ class TuneConfig:
     batch_trials: int | str = 1  # or auto: padding.for_backend's choice
     padding: str = "auto"  # auto: padding.resolve's choice for the device (measured: benchmarks/RESULTS.md)
     baselines: bool = True
+    initial_trials: str | tuple = "recipes"  # initial.py; the default is the one the search benchmark chose
+    warm_start_from: str | None = None
+    warm_start_trials: int = 3
 
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
+        _check(self.initial_trials in ("recipes", "none") or (
+            isinstance(self.initial_trials, tuple) and all(isinstance(t, dict) for t in self.initial_trials)),
+            "initial_trials must be recipes, none or a list of parameter dicts ({head_type: siglip, …})")
+        _check(self.warm_start_trials >= 1, "warm_start_trials must be >= 1")
         _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
         _check(self.batch_trials == "auto" or (isinstance(self.batch_trials, int) and self.batch_trials >= 1),
                "batch_trials must be >= 1 (1: each trial trained on its own) or auto")
@@ -313,6 +324,13 @@ def validate_tune(cfg: TuneConfig) -> TuneConfig:
         for other in cond:
             if other not in PARAM_PATHS:
                 raise ConfigError(f"search_space.{name}.when: unknown parameter {other!r}{_nearest(other, PARAM_PATHS)}")
+    for i, trial in enumerate(cfg.initial_trials if isinstance(cfg.initial_trials, tuple) else ()):
+        for name in trial:
+            if PARAM_ALIASES.get(name, name) not in PARAM_PATHS:
+                raise ConfigError(f"initial_trials[{i}].{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
+    if isinstance(cfg.initial_trials, tuple):
+        cfg = dataclasses.replace(cfg, initial_trials=tuple(
+            _canonical(t, f"initial_trials[{i}]") for i, t in enumerate(cfg.initial_trials)))
     for name in cfg.fixed:
         if name not in PARAM_PATHS:
             raise ConfigError(f"fixed.{name}: unknown parameter{_nearest(name, PARAM_PATHS)}")
