@@ -235,7 +235,7 @@ def test_start_up_trials_count_bundles(tmp_path):
 
 
 def test_init_is_searched_where_a_head_can_start_from_cca(tmp_path):
-    from xclip_jax.tune_config import implicit_init
+    from xclip_jax.initial import implicit_init
 
     cfg = load_tune_config(write(tmp_path))  # head_type siglip, clip, mlp; no init anywhere
     searched, line = implicit_init(cfg)

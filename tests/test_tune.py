@@ -263,7 +263,8 @@ def test_batched_trials_each_their_own_optuna_trial(tmp_path):
     params, values, attributes with bundle = the lead's number); a SIGKILLed runner fails every member
     of its bundle."""
     cfg_path = write(tmp_path, n_trials=6, n_jobs=1, batch_trials=3, max_epochs=3, pruner={"type": "NopPruner"},
-                     compile_ahead=False)  # no bundle queued behind the killed one
+                     compile_ahead=False,  # no bundle queued behind the killed one
+                     initial_trials="none")  # enqueued trials run alone: six trials leave room for two bundles
     proc = driver(tmp_path, cfg_path)
 
     def bundle_running():

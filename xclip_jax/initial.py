@@ -13,6 +13,7 @@ same storage that fit this space. Enqueued trials count toward ``n_trials`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import optuna
@@ -20,8 +21,8 @@ from optuna.trial import TrialState
 
 from xclip_jax import space as sp
 from xclip_jax.errors import UserError
-from xclip_jax.spec import CCA_HEADS
-from xclip_jax.tune_config import ParamSpace, TuneConfig
+from xclip_jax.spec import CCA_HEADS, HeadSpec
+from xclip_jax.tune_config import INIT_CHOICES, ParamSpace, TuneConfig
 
 INITIAL_ATTR = "initial_design"  # a trial's user attribute: which recipe or earlier trial it came from
 ENQUEUED_ATTR = "xclip_initial_design"  # the study's: the design was enqueued once (a resume adds none)
@@ -35,6 +36,24 @@ HEAD_RECIPES = {"mlp": {"loss_type": "softmax_infonce", "temperature": 0.07, "ba
                         "weight_decay": 1e-4, "dropout": 0.1, "hidden_dim": 1024, "output_dim": 512}}
 # A loss's nearest stand-ins when the space lacks it (a queue is softmax InfoNCE with more negatives).
 NEAREST_LOSS = {"softmax_infonce": ("softmax_infonce", "queue_infonce", "sigmoid_infonce")}
+
+
+def implicit_init(cfg: TuneConfig) -> tuple[TuneConfig, str | None]:
+    """The config with ``init`` searched over [default, cca] when its space holds a head that can start
+    from CCA (linear, siglip) and it names init nowhere (the warm start the search-quality benchmark
+    chose: benchmarks/RESULTS.md), with the start-up line that says so; else the config, None."""
+    if not cfg.search_init or "init" in cfg.search_space or "init" in cfg.fixed:
+        return cfg, None
+    head = cfg.search_space.get("head_type")
+    heads = list(head.choices) if head is not None and head.type == "categorical" else [
+        cfg.fixed.get("head_type", HeadSpec().type)]
+    cca_heads = [h for h in heads if h in CCA_HEADS]
+    if not cca_heads:
+        return cfg, None
+    space = ParamSpace(type="categorical", choices=tuple(INIT_CHOICES))
+    line = (f"search_space: init searched over [default, cca] for the {' and '.join(cca_heads)} head "
+            "(the CCA warm start); search_init: false (or fixed: {init: default}) turns it off")
+    return dataclasses.replace(cfg, search_space={**cfg.search_space, "init": space}), line
 
 
 def nearest(value, space: ParamSpace):

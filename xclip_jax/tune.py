@@ -22,7 +22,7 @@ from xclip_jax import initial, space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax import final_pick
-from xclip_jax.pool import Pool
+from xclip_jax.pool import Pool, log_tail
 from xclip_jax.report import record_output_dir
 from xclip_jax.verdict import (
     bundle_line,
@@ -45,7 +45,6 @@ from xclip_jax.runtime import (
 )
 from xclip_jax.storage import make_storage, sqlite_file
 from xclip_jax.padding import for_backend
-from xclip_jax.tune_config import implicit_init
 
 
 class Driver:
@@ -81,10 +80,9 @@ class Driver:
         existing = None
         if not _new_sqlite_file(cfg.storage):  # a server, or a file that is there: open it now, it may hold the study
             self._open_storage()
-            existing = st.find_study(self.storage, cfg.study_name)
-            if existing is not None:
+            if (existing := st.find_study(self.storage, cfg.study_name)) is not None:
                 space.check_space(existing, cfg)
-        design = initial.design(self.storage, existing, cfg)
+        design = initial.design(self.storage, existing, cfg)  # checked now: enqueued once the study exists
         self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
@@ -199,7 +197,7 @@ class Driver:
         return lines
 
     def _fail_lost(self, tid: int, number: int, event) -> None:
-        cause = disk_full(event.reason) or disk_full(_tail(event.log_path))
+        cause = disk_full(event.reason) or disk_full(log_tail(event.log_path) if event.log_path else "")
         if not event.started:  # queued behind a job that took its runner down: never ran
             st.fail_trial(self.study, self.storage, tid, f"{event.reason}; its parameters run again", retry="always")
         elif cause:  # not the trial's fault: run its parameters again, start no more
@@ -347,12 +345,6 @@ def _new_sqlite_file(url: str) -> bool:
     return db is not None and str(db) not in ("", ".", ":memory:") and not db.exists() and db.parent.is_dir()
 
 
-def _tail(path) -> str:
-    from xclip_jax.pool import log_tail
-
-    return log_tail(path) if path else ""
-
-
 def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> dict:
     """Run (or resume) the study of a typed TuneConfig; returns counts, wall time and outputs.
 
@@ -363,7 +355,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     cfg, chosen = for_backend(with_study_folders(cfg))
-    cfg, searched = implicit_init(cfg)
+    cfg, searched = initial.implicit_init(cfg)
     for line in (chosen, searched):
         if line:
             print(line)

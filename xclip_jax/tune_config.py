@@ -413,21 +413,3 @@ def trial_config(cfg: TuneConfig, params: dict, trial_number: int | None = None,
 
 INIT_LINE = "init: {type: categorical, choices: [default, cca]}"
 INIT_CHOICES = ("default", "cca")
-
-
-def implicit_init(cfg: TuneConfig) -> tuple[TuneConfig, str | None]:
-    """The config with ``init`` searched over [default, cca] when its space holds a head that can start
-    from CCA (linear, siglip) and it names init nowhere (the warm start the search-quality benchmark
-    chose: benchmarks/RESULTS.md), with the start-up line that says so; else the config, None."""
-    if not cfg.search_init or "init" in cfg.search_space or "init" in cfg.fixed:
-        return cfg, None
-    head = cfg.search_space.get("head_type")
-    heads = list(head.choices) if head is not None and head.type == "categorical" else [
-        cfg.fixed.get("head_type", HeadSpec().type)]
-    cca_heads = [h for h in heads if h in CCA_HEADS]
-    if not cca_heads:
-        return cfg, None
-    space = ParamSpace(type="categorical", choices=tuple(INIT_CHOICES))
-    line = (f"search_space: init searched over [default, cca] for the {' and '.join(cca_heads)} head "
-            "(the CCA warm start); search_init: false (or fixed: {init: default}) turns it off")
-    return dataclasses.replace(cfg, search_space={**cfg.search_space, "init": space}), line
