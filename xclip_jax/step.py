@@ -207,7 +207,7 @@ def _gather(data: DeviceData, idx_B):
     return {"image": data.image_NxDi[image_idx], "text": data.text_RxDt[idx_B], "ids": image_idx}
 
 
-def _epoch(state: TrainState, data: DeviceData):
+def _epoch(state: TrainState, data: DeviceData, active):
     batch_size = state.key.batch_size
     steps = data.rows // batch_size
     # One sort of random 32-bit keys (ties, ~rows²/2³³ pairs, keep their order): one sorting round
@@ -216,7 +216,12 @@ def _epoch(state: TrainState, data: DeviceData):
     perm_SxB = perm[: steps * batch_size].reshape(steps, batch_size)
 
     def body(st, idx_B):
-        return _train_step(st, _gather(data, idx_B))
+        # An inactive member keeps its state, step by step: a select the update fuses into, where one
+        # after the scan would keep the whole old state alive beside the new (a state's copy).
+        new, metrics = _train_step(st, _gather(data, idx_B))
+        if active is None:  # a bundle of one runs only while its member is active
+            return new, metrics
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, st), metrics
 
     state, per_step = jax.lax.scan(body, state, perm_SxB)
     metrics = {
@@ -229,12 +234,9 @@ def _epoch(state: TrainState, data: DeviceData):
 
 
 def _epochs(states: TrainState, data: DeviceData, active_K):
-    new, metrics = for_members(_epoch, (True, False))(states, data)
-
-    def keep(new_leaf, old_leaf):
-        return jnp.where(active_K.reshape((-1,) + (1,) * (new_leaf.ndim - 1)), new_leaf, old_leaf)
-
-    return jax.tree.map(keep, new, states), metrics
+    if count(states) == 1:
+        return for_members(lambda st, d: _epoch(st, d, None), (True, False))(states, data)
+    return for_members(_epoch, (True, False, True))(states, data, active_K)
 
 
 run_epochs = jax.jit(_epochs, donate_argnums=0)
@@ -243,7 +245,8 @@ run_epochs.__doc__ = """One epoch of every member of a bundle as one compiled pr
 
 Each member shuffles with its own key, then scans ``train_step`` over the program's batch size with
 its own values, dropout, optimizer state and queue; a member whose ``active_K`` is False is left
-exactly as it was (stopped, pruned or diverged). Returns the new states (donated in) and per-member
+exactly as it was (stopped, pruned or diverged; a bundle of one is run only while its member is
+active, and does not read the flag). Returns the new states (donated in) and per-member
 metrics ``[K]`` (mean loss and grad norm, final temperature, whether every step's loss was finite),
 still on the device.
 """
