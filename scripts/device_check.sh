@@ -17,7 +17,9 @@
 #      largest widths on a GPU), while nvidia-smi samples GPU utilisation and per-process memory
 #      every second; BATCH_TRIALS=K (default 1) trains K trials per program
 #   5. results.md (scripts/device_results.py): the card, the study's wall, trials, programs
-#      compiled, useful fraction and GPU utilisation, rows for benchmarks/RESULTS.md
+#      compiled, useful fraction, GPU utilisation and each runner's peak memory against the memory
+#      plan (plan.json; the plan on a 24 GB card is its own stage before the study), rows for
+#      benchmarks/RESULTS.md
 #   6. scripts/bench.py --coco in float32 (epoch times), if the budget has room (last: clipped first)
 # Outputs under $OUT (packed into all.tgz at the end, beside the summaries): stages.tsv (stage, rc,
 # seconds), one log per stage, results.md, gpu_mem_summary.txt, bench_fp32.json, study/.
@@ -164,6 +166,9 @@ if [ "$DRY" != "1" ] && command -v nvidia-smi > /dev/null; then
     SAMPLER2_PID=$!
 fi
 export XCLIP_JAX_CACHE="$WORK/jax_cache"  # a fresh persistent compilation cache shared by the trials
+# The memory plan on the original's 24 GB card first (printed, refused in one line or not), then the
+# card's own, which the study runs under (its plan.json lands in study/ beside the summary).
+run_stage plan_24gb 60 "$PY" -m xclip_jax.tune "$WORK/study.yaml" --plan --device-memory-gb 24 --output-dir "$WORK/plan_24gb"
 run_stage study "$STUDY_LIMIT" "$PY" -m xclip_jax.tune "$WORK/study.yaml" --no-progress
 if [ -n "$SAMPLER_PID" ]; then
     kill "$SAMPLER_PID" "$SAMPLER2_PID" 2>/dev/null

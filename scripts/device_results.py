@@ -35,6 +35,21 @@ def utilisation(out: Path) -> str:
             f"{sum(busy) / max(len(busy), 1):.0f} % over the {len(busy)} with any work")
 
 
+def peak_vs_plan(out: Path) -> str:
+    """Each runner process's peak (nvidia-smi's used_memory samples, MiB) beside the study's plan."""
+    samples, plan = out / "gpu_mem_samples.csv", out / "study" / "plan.json"
+    peaks: dict[str, int] = {}
+    for fields in (line.split(",") for line in (samples.read_text().splitlines() if samples.exists() else ())):
+        if len(fields) == 3 and fields[2].strip().isdigit():
+            peaks[fields[1].strip()] = max(peaks.get(fields[1].strip(), 0), int(fields[2]))
+    planned = max((e["bytes"] for e in json.loads(plan.read_text())["entries"]), default=0) if plan.exists() else 0
+    if not peaks:
+        return f"not sampled (plan: {planned / 2**30:.2f} GiB)"
+    top = max(peaks.values()) * 2**20
+    return (f"largest peak {top / 2**30:.2f} GiB over {len(peaks)} processes; planned {planned / 2**30:.2f} GiB "
+            f"({'within' if top <= planned else 'OVER'} the plan)")
+
+
 def main(out: Path) -> None:
     rows = [("card", card(out))]
     summary = out / "study" / "study_summary.json"
@@ -52,6 +67,7 @@ def main(out: Path) -> None:
     else:
         rows.append(("study", "no study_summary.json"))
     rows.append(("GPU busy (nvidia-smi utilization.gpu)", utilisation(out)))
+    rows.append(("peak memory per runner (nvidia-smi) against the plan's largest need", peak_vs_plan(out)))
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

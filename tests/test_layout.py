@@ -11,11 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xclip_jax"
 
 # Lower layers first; a module may import its own layer's modules or lower ones, never higher.
 LAYERS = [
-    {"errors", "spec", "padding", "ids", "losses"},                      # the core's plain parts; padded widths
+    {"errors", "spec", "padding", "ids", "losses", "memory"},                      # the core's plain parts; padded widths
     {"heads", "metrics"},                                                # the core
     {"config", "data", "figures", "storage", "runtime", "pool", "model"},  # edges, I/O, processes; a trial's model
     {"tune_config", "step", "encode", "baselines"},                      # tuning config; the step; evaluation; baselines
-    {"checkpoint", "programs", "space", "initial", "study", "study_plots", "tune_cli", "verdict", "final_pick"},         # checkpoints, kept programs; the study policy
+    {"checkpoint", "programs", "space", "initial", "plan", "study", "study_plots", "tune_cli", "verdict", "final_pick"},         # checkpoints, kept programs; the study policy
     {"evaluate", "fit", "report", "export"},                             # evaluation, the fit loop; study outputs; export
     {"train"},                                                           # the fit loop and the training CLI
     {"runner", "tune"},                                                  # a trial process; the driver
@@ -79,7 +79,7 @@ def test_no_import_circle():
 
 
 @pytest.mark.parametrize("module", ["tune", "report", "data", "study", "pool", "runtime", "tune_config", "tune_cli", "verdict",
-                                    "spec", "padding", "space", "final_pick"])
+                                    "spec", "padding", "space", "final_pick", "memory", "plan"])
 def test_the_driver_side_imports_no_jax(module):
     code = (f"import sys, xclip_jax.{module}; "
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax')]; "

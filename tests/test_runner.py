@@ -40,12 +40,12 @@ def _diverge_from_epoch(monkeypatch, epoch: int):
     original = fit._Members.run_epoch
 
     def run_epoch(self, active):
-        metrics = original(self, active)
+        metrics, ranks = original(self, active)
         seen["epochs"] += 1
         if seen["epochs"] > epoch:
             for m in metrics:
                 m["finite"] = False
-        return metrics
+        return metrics, ranks
 
     monkeypatch.setattr(fit._Members, "run_epoch", run_epoch)
 
@@ -76,3 +76,24 @@ def test_a_trial_that_diverges_at_once_fails_with_the_reason_and_its_timings(tmp
     assert "not finite" in done.user_attrs["fail_reason"] and done.user_attrs["diverged_at"] == 0
     assert set(TIMINGS) <= set(done.user_attrs)
     assert runner.trials_run == 1  # the runner's bookkeeping ran: it goes on to its next trial
+
+
+def test_a_trial_out_of_device_memory_fails_with_the_plans_figure(tmp_path, monkeypatch):
+    """A job the device cannot hold fails every member with one line: the plan's figure for it and the
+    device's own (none on a CPU), and the fix."""
+    from xclip_jax import fit
+
+    driver, runner = _runner(tmp_path)
+    trials = _ask(driver, 1)
+
+    def run_epoch(self, active):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
+
+    monkeypatch.setattr(fit._Members, "run_epoch", run_epoch)
+    with pytest.raises(SystemExit):
+        runner.run_job([st.trial_id(t) for t in trials])
+    trial = driver.study.get_trials()[0]
+    reason = trial.user_attrs["fail_reason"]
+    assert trial.state == TrialState.FAIL and "\n" not in reason
+    assert reason.startswith("out of device memory: the plan gave this bundle of 1 ") and " GiB; " in reason
+    assert "fewer n_jobs" in reason and "RESOURCE_EXHAUSTED" in reason

@@ -361,5 +361,5 @@ def test_batch_trials_auto_is_the_backends(monkeypatch, tmp_path):
                                                                               "epoch costs K epochs)")
     monkeypatch.setattr(padding, "expected_backend", lambda: "gpu")
     gpu, line = padding.for_backend(cfg)
-    assert (gpu.batch_trials, gpu.padding) == (padding.GPU_BATCH_TRIALS, "max") and line.endswith("at once)")
+    assert (gpu.batch_trials, gpu.padding) == (1, "max") and line.endswith("lost search quality (benchmarks/RESULTS.md))")
     assert padding.for_backend(load_tune_config(write(tmp_path, batch_trials=3)))[1] is None

@@ -142,7 +142,7 @@ class Programs:
 
     def eval_fn(self, key: ProgramKey, members: int, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The validation of ``members`` members of ``key``'s heads on ``data``: ``eval_fn(params_K, hp_K,
-        data)``, read with ``encode.member_metrics``."""
+        data)``, its outputs fetched and read with ``encode.member_metrics``."""
         heads = key.heads()  # it depends on the heads alone, not on the loss or the optimiser
         states = jax.eval_shape(lambda: fresh_states(key, _example_hparams(members)))
         return self._get(("eval", heads, members, chunk_size, _shape_key(data)),
@@ -167,3 +167,19 @@ def _example_hparams(members: int) -> HParams:
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
 
     return stack([hparams(RunSpec(HeadSpec(), LossSpec(), TrainingSpec(), 2, 2), 0)] * members)
+
+
+def analysed_bytes(key: ProgramKey, members: int, train, val) -> dict[str, int]:
+    """XLA's own figure of the epoch and the validation of ``members`` of ``key`` on sets of these
+    sizes (``memory.Rows``): each compiled program's arguments + temporaries, compiled from abstract
+    shapes (nothing is allocated or run): what ``memory``'s formula is held against."""
+    def data(rows) -> DeviceData:
+        return DeviceData(jax.ShapeDtypeStruct((rows.images, key.image_dim), "float32"),
+                          jax.ShapeDtypeStruct((rows.rows, key.text_dim), "float32"),
+                          jax.ShapeDtypeStruct((rows.rows,), "int32"))
+
+    programs = Programs()
+    states = jax.eval_shape(lambda: fresh_states(key, _example_hparams(members)))
+    analyses = {"epoch": programs.epoch_fn(states, data(train)).memory_analysis(),
+                "eval": programs.eval_fn(key, members, data(val)).memory_analysis()}
+    return {name: m.argument_size_in_bytes + m.temp_size_in_bytes for name, m in analyses.items()}

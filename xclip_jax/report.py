@@ -6,7 +6,7 @@ The tuning driver writes a study's outputs here (``write_outputs``: the report b
 (e.g. ``sqlite:///optuna.db``) and writes them again, by default into the folder the study's
 tuner wrote to (``best_config.yaml`` too, from the ``tune_config.yaml`` found there)::
 
-    OUTPUT_DIR/study_summary.json      every trial: state, params, value, intermediate values
+    OUTPUT_DIR/study_summary.json      every trial: state, params, value, intermediate values; the memory plan
     OUTPUT_DIR/importances.json        {param: importance}, {} when it can't be computed
     OUTPUT_DIR/plots/NAME.html         interactive plotly figure
     OUTPUT_DIR/plots/NAME.png          static matplotlib figure
@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from xclip_jax.config import dump_yaml
 from xclip_jax.errors import UserError, cli, exception_line
 from xclip_jax.final_pick import FINAL_PICK_ATTR, pick_line, picked_trial
+from xclip_jax.plan import stored as stored_plan
 from xclip_jax.runtime import check_owners, claim, default_folder, host_name
 from xclip_jax.study import BASELINES_ATTR, load_study
 from xclip_jax.study_plots import importances, write_plots
@@ -211,7 +212,7 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     report = Report()
 
     summary_path = out_dir / "study_summary.json"
-    _write_json(summary_path, study_summary(study))
+    _write_json(summary_path, {**study_summary(study), "memory_plan": stored_plan(out_dir)})
     report["study_summary.json"] = summary_path
 
     imps = importances(study)

@@ -107,13 +107,15 @@ class Runner:
         them (kept here, or in the persistent cache). A trial that needs a program being compiled
         waits for it; one that fails to compile fails its trial, not this."""
         from xclip_jax import space
+        from xclip_jax.plan import stored_members
 
         keys = space.study_keys(self.cfg, (self.train_set.image_dim, self.train_set.text_dim), self.train_set.rows,
                                 WARM_UP_KEYS)
+        members = stored_members(Path(self.cfg.output_dir))  # the study's memory plan: members per program
         for key in keys or ():
             before = self.programs.counters()
             try:
-                self.programs.prepare(key, self.cfg.batch_trials, self.train_data, self.val_data)
+                self.programs.prepare(key, members.get(key, 1), self.train_data, self.val_data)
             except Exception:  # noqa: BLE001 - the trial that needs the program meets it as its own error
                 return
             with self.lock:
@@ -123,6 +125,23 @@ class Runner:
         from xclip_jax.spec import RunSpec
 
         return RunSpec.of(trial_cfg, self.train_set.image_dim, self.train_set.text_dim)
+
+    def _memory_line(self, error: Exception, cfgs: list) -> str | None:
+        """For a job that ran out of device memory: the plan's figure for it beside the device's."""
+        import jax
+
+        from xclip_jax.memory import Rows, runner_bytes
+
+        if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+            return None
+        val = Rows(self.val_data.rows, self.val_data.image_NxDi.shape[0])
+        planned = runner_bytes(self._key([self._spec(c) for c in cfgs]), len(cfgs),
+                               Rows(self.train_set.rows, len(self.train_set.image)), val)
+        stats = jax.local_devices()[0].memory_stats() or {}
+        actual = (f"the device had {stats['peak_bytes_in_use'] / 2**30:.2f} GiB in use at its peak of "
+                  f"{stats['bytes_limit'] / 2**30:.2f} GiB" if "bytes_limit" in stats else "the device gives no figures")
+        return (f"out of device memory: the plan gave this bundle of {len(cfgs)} {planned / 2**30:.2f} GiB; {actual}; "
+                f"fewer n_jobs or a smaller device_memory_gb leaves more room ({exception_line(error)[:200]})")
 
     def _key(self, specs: list):
         """The one program key of a job's trials (a bundle's members must share it)."""
@@ -248,8 +267,9 @@ class Runner:
             if disk_full(str(e)):
                 raise  # not the trials' fault: the driver retries their parameters and stops launching
             traceback.print_exc()
+            reason = self._memory_line(e, cfgs) or exception_line(e)
             for trial in trials:
-                trial.set_user_attr("fail_reason", exception_line(e))
+                trial.set_user_attr("fail_reason", reason)
                 study.tell(trial.number, state=TrialState.FAIL)
             raise SystemExit(1)  # this process's state is not trusted for another trial
         ahead = self.prepared.pop(tids[0], (0, 0, 0.0))  # compiled for this job while the previous one trained

@@ -117,3 +117,20 @@ def with_study_folders(cfg):
     """A tuning config with each folder it leaves null filled in (:func:`default_folder`)."""
     changes = {kind: default_folder(kind, cfg.study_name) for kind in FOLDER_ROOTS if getattr(cfg, kind) is None}
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def gpu_memory_bytes(devices=None) -> int | None:
+    """The memory of the smallest of the study's GPUs (``devices``: their indices; None: all), as
+    ``nvidia-smi`` reports it (the driver imports no jax); None where there is no NVIDIA GPU."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sizes = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else ():
+        index, _, mib = line.partition(",")
+        if index.strip().isdigit() and mib.strip().isdigit():
+            sizes[int(index)] = int(mib) * 2**20
+    picked = [sizes[i] for i in (devices if devices else sizes) if i in sizes]
+    return min(picked) if picked else None

@@ -99,8 +99,12 @@ def study_keys(cfg: TuneConfig, dims: tuple[int, int], rows: int, limit: int) ->
     if len(combos) > 4 * limit:
         return None
     buckets, keys = study_buckets(cfg), {}
+    # A width that decides no program (one bucket) is probed at its largest choice: a queue that holds
+    # the batch makes the program runnable whatever the default says.
+    largest = {n: max(v for v in cfg.search_space[n].values() if v is not None) for n in WIDTH_FIELDS
+               if n in cfg.search_space and n not in names and any(v is not None for v in cfg.search_space[n].values())}
     for picked in combos:
-        values = dict(zip(names, picked))
+        values = {**largest, **dict(zip(names, picked))}
         if combination_problem(values, cfg, dims, rows) is None:
             keys.setdefault(program_key(RunSpec.of(trial_config(cfg, values), *dims), buckets), None)
     return sorted(keys, key=str) if len(keys) <= limit else None

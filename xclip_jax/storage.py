@@ -147,3 +147,11 @@ def quiet_optuna():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         yield
+
+
+def new_sqlite_file(url: str) -> bool:
+    """Whether ``url`` names a SQLite file that is not there yet, in a folder that is: opening the
+    storage would create it, so it is opened after every other check (a config that fails them leaves
+    no empty database behind). Anything else is opened at once (and says there what is wrong with it)."""
+    db = sqlite_file(url)
+    return db is not None and str(db) not in ("", ".", ":memory:") and not db.exists() and db.parent.is_dir()

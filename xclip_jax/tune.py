@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from xclip_jax import initial, space
+from xclip_jax import initial, plan, space
 from xclip_jax import study as st
 from xclip_jax.errors import UserError, cli, disk_full, mask_secrets
 from xclip_jax import final_pick
@@ -43,7 +43,7 @@ from xclip_jax.runtime import (
     start_baselines,
     with_study_folders,
 )
-from xclip_jax.storage import make_storage, sqlite_file
+from xclip_jax.storage import make_storage, new_sqlite_file
 from xclip_jax.padding import for_backend
 
 
@@ -78,7 +78,7 @@ class Driver:
         folders = {"checkpoint_dir": Path(cfg.checkpoint_dir), "output_dir": self.out}
         check_owners(folders, cfg.study_name)
         existing = None
-        if not _new_sqlite_file(cfg.storage):  # a server, or a file that is there: open it now, it may hold the study
+        if not new_sqlite_file(cfg.storage):  # a server, or a file that is there: open it now, it may hold the study
             self._open_storage()
             if (existing := st.find_study(self.storage, cfg.study_name)) is not None:
                 space.check_space(existing, cfg)
@@ -95,6 +95,9 @@ class Driver:
         skipped = space.check_combinations(cfg, self.rows, self.dims)
         if skipped:
             print(f"warning: {skipped}", file=sys.stderr)
+        self.plan = plan.plan_sets(cfg, sets)  # refuses a choice no runner can hold, before anything is stored
+        self.cfg = cfg = dataclasses.replace(cfg, padding=self.plan.padding)
+        print(self.plan.table())
         # Every check passed: from here on things are created and stored.
         for folder in folders.values():
             check_writable(folder)
@@ -107,6 +110,7 @@ class Driver:
         claim(folders, cfg.study_name)
         record_output_dir(self.study, self.out)
         data.write_cache(sets, self.cache_dir)
+        self.plan.write(self.out)
         self.logs = self.out / "logs"
         self.logs.mkdir(exist_ok=True)
         config_path = self.out / "tune_config.yaml"
@@ -152,8 +156,8 @@ class Driver:
         if self.cfg.batch_trials > 1:
             c = st.counts(self.study)
             room = self.cfg.n_trials - (c["finished"] + c["running"])
-            trials += st.ask_companions(self.study, self.storage, self.cfg, trial, min(self.cfg.batch_trials - 1, room),
-                                        self.dims)
+            size = self.plan.bundle_size(self.cfg, trial.params, self.dims)
+            trials += st.ask_companions(self.study, self.storage, self.cfg, trial, min(size - 1, room), self.dims)
         tids = [st.trial_id(t) for t in trials]
         for t in trials:
             t.set_user_attr("driver_host", self.host)
@@ -337,14 +341,6 @@ class Driver:
             return "-"
 
 
-def _new_sqlite_file(url: str) -> bool:
-    """Whether ``url`` names a SQLite file that is not there yet, in a folder that is: opening the
-    storage would create it, so it is opened after every other check (a config that fails them leaves
-    no empty database behind). Anything else is opened at once (and says there what is wrong with it)."""
-    db = sqlite_file(url)
-    return db is not None and str(db) not in ("", ".", ":memory:") and not db.exists() and db.parent.is_dir()
-
-
 def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> dict:
     """Run (or resume) the study of a typed TuneConfig; returns counts, wall time and outputs.
 
@@ -384,6 +380,8 @@ def main(argv=None):
     from xclip_jax.tune_cli import command_line
 
     cfg, args, config_path = command_line(argv)
+    if args.plan:
+        return plan.show(cfg)
     result = run_study(cfg, progress=not args.no_progress, add_trials=args.add_trials)
     cfg = result["cfg"]  # the config the study ran (init searched where it is), for the advice below
     for warning in getattr(result["outputs"], "warnings", ()):

@@ -30,7 +30,7 @@ def _config_path(positional: str | None, option: str | None) -> str:
 
 # Command-line flags that override the config's key of the same name.
 OVERRIDES = ("storage", "study_name", "n_trials", "n_jobs", "timeout", "output_dir", "checkpoint_dir", "max_epochs",
-             "max_patience", "batch_trials", "warm_start_from")
+             "max_patience", "batch_trials", "warm_start_from", "device_memory_gb")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,9 +62,14 @@ def parser() -> argparse.ArgumentParser:
                         help="stop a trial after N epochs without a better validation R@1")
     parser.add_argument("--batch-trials", type=lambda v: v if v == "auto" else int(v), metavar="K",
                         help="train K trials of one head, loss and batch size in one program (1: each alone; auto: "
-                             "1 on a CPU, more on a GPU)")
+                             "1 on either backend until bundles are measured to keep search quality)")
     parser.add_argument("--warm-start-from", metavar="STUDY",
                         help="run the best trials of STUDY (same storage) that fit this space first")
+    parser.add_argument("--device-memory-gb", type=float, metavar="GB",
+                        help="the card's memory to plan with, shared among the runners (default: the device's)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the study's memory plan, write plan.json into the output folder and exit "
+                             "(reads the data, trains nothing)")
     parser.add_argument("--add-trials", type=int, metavar="N",
                         help="run N trials more than the study has finished (what rerunning the original did); "
                              "an addition, where --n-trials is the total")

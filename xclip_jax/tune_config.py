@@ -191,13 +191,14 @@ class TuneConfig:
       runner_max_memory_gb: replace a runner whose resident memory is over this after a trial (null: never).
       compile_ahead: compile a runner's next trial while one trains (null: on a GPU, or n_jobs < CPUs).
       batch_trials: trials of one head, loss and batch size trained together in one program (1: each alone);
-        ``auto``: 1 on a CPU, more on a GPU, said at start-up.
+        ``auto``: 1 on a CPU and on a GPU (bundles lost search quality), said at start-up.
       padding: what widths pad to in a program: ``exact``, ``pow2``, ``max``; ``auto``: max on a GPU, else exact.
       baselines: fit the closed-form linear baselines and report the best trial against them.
       initial_trials: trials enqueued before the sampler's own: ``recipes`` (the closed form made trainable,
         a head started from CCA, moved into the space), ``none``, or a list of parameter dicts.
       warm_start_from: an earlier study in the same storage whose best trials that fit this space run first.
       warm_start_trials: how many of ``warm_start_from``'s best complete trials run first.
+      device_memory_gb: the card's memory the study plans with, shared among its runners (null: the device's).
     """
 
     study_name: str = "xclip_tuning"
@@ -236,6 +237,7 @@ class TuneConfig:
     initial_trials: str | tuple = "recipes"  # initial.py; the default is the one the search benchmark chose
     warm_start_from: str | None = None
     warm_start_trials: int = 3
+    device_memory_gb: float | None = None  # plan.py
 
     def __post_init__(self):
         _check(self.data is not None, NO_DATA)
@@ -243,6 +245,7 @@ class TuneConfig:
             isinstance(self.initial_trials, tuple) and all(isinstance(t, dict) for t in self.initial_trials)),
             "initial_trials must be recipes, none or a list of parameter dicts ({head_type: siglip, …})")
         _check(self.warm_start_trials >= 1, "warm_start_trials must be >= 1")
+        _check(self.device_memory_gb is None or self.device_memory_gb > 0, "device_memory_gb must be > 0 or null")
         _check(self.runner_max_trials >= 1, "runner_max_trials must be >= 1 (1: a fresh process for every trial)")
         _check(self.batch_trials == "auto" or (isinstance(self.batch_trials, int) and self.batch_trials >= 1),
                "batch_trials must be >= 1 (1: each trial trained on its own) or auto")
