@@ -323,8 +323,8 @@ def _prune_at(epoch):
 def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     """fit_bundle against fit, member by member (same seeds): the same intermediate values to float32
     tolerance; a member pruned at epoch 1 reports no further; one whose loss goes NaN stops as
-    diverged while the others go on; once half are stopped the live ones move into a smaller program
-    and still report what they would alone."""
+    diverged while the others go on; the stopped ones are masked in the same program and the live ones
+    still report what they would alone."""
     from xclip_jax.model import hparams, stack
     from xclip_jax.padding import program_key
     from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
@@ -342,8 +342,8 @@ def test_members_of_a_bundle_report_what_they_would_alone(head, loss):
     hooks = [(), (_prune_at(1),), (), ()]
     states = fresh_states(program_key(specs[0]), stack([hparams(s, i) for i, s in enumerate(specs)]))
     final, bundled = fit.fit_bundle(states, train_d, val_d, num_epochs=3, patience=3, hooks=hooks, ks=(1, 5))
-    # after epoch 1 two of four are live (one diverged, one pruned): they moved into a program of two
-    assert jax.tree.leaves(final.hp)[0].shape[0] == 2
+    # after epoch 1 two of four are live (one diverged, one pruned): they stay in the program of four, masked
+    assert jax.tree.leaves(final.hp)[0].shape[0] == 4
     assert bundled[1].stopped == "pruned" and [h["epoch"] for h in bundled[1].history] == [0, 1]
     assert bundled[2].stopped.startswith("diverged") and not bundled[2].history
     for i in (0, 1, 3):
@@ -405,3 +405,40 @@ def test_a_save_over_an_interrupted_one_says_nothing(tmp_path, capsys):
     assert checkpoint.latest_step(tmp_path) == 3
     assert not [r for r in records if "Removing existing directory" in r.getMessage()], records
     assert "Removing existing directory" not in capsys.readouterr().err
+
+
+def test_an_epoch_of_a_bundle_waits_on_the_device_once_and_fetches_only_improving_members(monkeypatch):
+    """A 4-member bundle: each epoch fetches its metrics and validation in one transfer, then the params
+    of the members that improved in one more, their slices only (never the whole bundle's per member);
+    no implicit transfer anywhere in the loop, and no hook copies a member's state it does not ask for."""
+    from xclip_jax.model import hparams, stack
+    from xclip_jax.padding import program_key
+    from xclip_jax.spec import HeadSpec, LossSpec, TrainingSpec
+    from xclip_jax.step import fresh_states
+
+    sets = data.synthetic_splits(n_images=300, captions_per_image=5, image_dim=24, text_dim=40, val_images=60,
+                                 test_images=10, noise=0.5, seed=1)
+    train_d, val_d = to_device(sets["train"]), to_device(sets["val"])
+    specs = [RunSpec(HeadSpec("clip", 16, 32, 0.1), LossSpec(), TrainingSpec(batch_size=128, learning_rate=lr), 24, 40)
+             for lr in (1e-2, 3e-3, 1e-3, 3e-4)]
+    states = fresh_states(program_key(specs[0]), stack([hparams(s, i) for i, s in enumerate(specs)]))
+    fetched, real = [], jax.device_get
+
+    def counting(tree):
+        fetched.append([x.shape[0] for x in jax.tree.leaves(tree)])
+        return real(tree)
+
+    monkeypatch.setattr(jax, "device_get", counting)
+    asked = []
+    hooks = [(lambda record, fs, state, i=i: asked.append(i) if i == 3 and state() is not None else None,)
+             for i in range(4)]
+    with jax.transfer_guard_device_to_host("disallow"):
+        _, fits = fit.fit_bundle(states, train_d, val_d, num_epochs=3, patience=3, hooks=hooks, ks=(1, 5))
+    r1 = [[h["val_r1"] for h in fs.history] for fs in fits]
+    improved = [sum(e == 0 or r[e] > max(r[:e]) for r in r1) for e in range(3)]
+    assert fetched[0] == [4] * len(fetched[0])  # the members' values, once, before the loop
+    per_epoch = fetched[1:]
+    assert len(per_epoch) == 3 + sum(n > 0 for n in improved), per_epoch  # one fetch, and one of the params
+    params = [f for f in per_epoch if len(f) != len(per_epoch[0])]
+    assert [set(f) for f in params] == [{n} for n in improved if n], (params, improved)
+    assert asked == [3, 3, 3]

@@ -63,9 +63,9 @@ def evaluate_members(key: ProgramKey, params_K, hp_K: HParams, data: DeviceData,
                        (True, True))(params_K, hp_K)
 
 
-def member_metrics(eval_fn, params_K, hp_K, data: DeviceData, ks=(1, 5, 10, 50)) -> list[dict | None]:
-    """Each member's metrics from a compiled ``evaluate_members`` (None for a member whose outputs are
-    not finite: its params diverged)."""
-    i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K = jax.device_get(eval_fn(params_K, hp_K, data))
+def member_metrics(ranks, ks=(1, 5, 10, 50)) -> list[dict | None]:
+    """Each member's metrics from the host copy of a compiled ``evaluate_members``' outputs (None for
+    a member whose outputs are not finite: its params diverged)."""
+    i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K = ranks
     return [summarise(i2t, t2i, ks) if ok_i and ok_t else None
             for i2t, t2i, ok_i, ok_t in zip(i2t_KxN, t2i_KxT, images_ok_K, texts_ok_K)]

@@ -10,6 +10,7 @@ again. The training CLI (``train``) and every tuning trial (``runner``) run this
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -22,9 +23,10 @@ from xclip_jax.model import count, member, real_key, unpad
 from xclip_jax.programs import Programs
 from xclip_jax.step import TrainState
 
-# A hook runs after each epoch: hook(record, fit_state, train_state) -> a reason to stop, or None.
-# `record` is the epoch's entry of the history (a hook may add to it); `fit_state` already counts it.
-Hook = Callable[[dict, "FitState", TrainState], "str | None"]
+# A hook runs after each epoch: hook(record, fit_state, state) -> a reason to stop, or None. `record`
+# is the epoch's entry of the history (a hook may add to it); `fit_state` already counts it; `state()`
+# gives the member's train state (taken from the bundle's only when a hook calls it).
+Hook = Callable[[dict, "FitState", Callable[[], TrainState]], "str | None"]
 
 
 @dataclasses.dataclass
@@ -71,57 +73,44 @@ class FitState:
 
 
 class _Members:
-    """A bundle's members (a single trial is one) and their three programs: one epoch, one validation,
-    and the best params of each kept on the host, unpadded (what its checkpoint stores).
+    """A bundle's members (a single trial is one) and their two programs: one epoch, one validation.
+    Their number is fixed for the bundle's life: a stopped member is masked (the epoch leaves its
+    state as it was), never moved into a smaller program the warm-up did not compile.
 
-    Members that stop cost nothing for long: once at most half of the program's members are live,
-    the live ones move into a program of the next power of two members (``slot``: each member's place
-    in it, None once dropped); measured against masking them: benchmarks/RESULTS.md."""
+    An epoch waits on the device once: the epoch and the validation are dispatched back to back and
+    their results fetched together; the params of the members that improved come in one more fetch."""
 
     def __init__(self, states: TrainState, train_data, val_data, programs: Programs):
-        self.state, self.train_data, self.val_data, self.programs = states, train_data, val_data, programs
+        self.state, self.train_data, self.val_data = states, train_data, val_data
         hp = jax.device_get(states.hp)
         self.real = [real_key(states.key, member(hp, i)) for i in range(count(hp))]
-        self.slot: list[int | None] = list(range(len(self.real)))
-        self._compile()
+        self.epoch_fn = programs.epoch_fn(states, train_data)
+        self.eval_fn = programs.eval_fn(states.key, len(self.real), val_data)
 
-    def _compile(self) -> None:
-        self.epoch_fn = self.programs.epoch_fn(self.state, self.train_data)
-        self.eval_fn = self.programs.eval_fn(self.state.key, count(self.state.hp), self.val_data)
+    def run_epoch(self, active: list[bool]) -> tuple[list[dict], tuple]:
+        """Train every active member an epoch and validate it: each member's epoch metrics and the
+        validation's ranks (``member_metrics`` reads them), in one fetch from the device."""
+        self.state, metrics = self.epoch_fn(self.state, self.train_data, np.asarray(active))
+        ranks = self.eval_fn(self.state.params, self.state.hp, self.val_data)  # dispatched: nothing waits yet
+        metrics, ranks = jax.device_get((metrics, ranks))
+        return [{k: v[i] for k, v in metrics.items()} for i in range(len(self.real))], ranks
 
-    def _per_member(self, per_slot: list) -> list:
-        return [None if s is None else per_slot[s] for s in self.slot]
+    def best_params(self, members: list[int]) -> dict[int, dict]:
+        """These members' params now, on the host at their real widths, in one fetch of their slices."""
+        if not members:
+            return {}
+        taken = self.state.params if len(self.real) == 1 else _take(self.state.params, np.asarray(members, np.int32))
+        params = jax.device_get(taken)
+        return {i: {**unpad(member(params, j), self.real[i]), "loss": member(params, j)["loss"]}
+                for j, i in enumerate(members)}
 
-    def run_epoch(self, active: list[bool]) -> list[dict | None]:
-        live = np.zeros(count(self.state.hp), bool)
-        live[[s for s, a in zip(self.slot, active) if a and s is not None]] = True
-        self.state, metrics = self.epoch_fn(self.state, self.train_data, live)
-        metrics = jax.device_get(metrics)
-        return self._per_member([{k: v[s] for k, v in metrics.items()} for s in range(len(live))])
+    def member_state(self, i: int) -> Callable[[], TrainState]:
+        """Member ``i``'s state, taken from the bundle's when a hook asks for it (once)."""
+        return functools.cache(lambda: member(self.state, i))
 
-    def evaluate(self, ks) -> list[dict | None]:
-        return self._per_member(member_metrics(self.eval_fn, self.state.params, self.state.hp, self.val_data, ks))
 
-    def best_params(self, i: int) -> dict:
-        """Member ``i``'s params now, on the host and at its real widths."""
-        params = member(jax.device_get(self.state.params), self.slot[i])  # indexed on the host: no program per shape
-        return {**unpad(params, self.real[i]), "loss": params["loss"]}
-
-    def member_state(self, i: int) -> TrainState:
-        return member(self.state, self.slot[i])
-
-    def compact(self, active: list[bool]) -> None:
-        """Move the live members into a program of the next power of two members, once at most half
-        of the current program's are live (a stopped member fills a spare place, masked)."""
-        size, live = count(self.state.hp), [i for i, a in enumerate(active) if a]
-        if not live or size == 1 or len(live) > size // 2:
-            return
-        spare = [i for i, s in enumerate(self.slot) if s is not None and not active[i]]
-        keep = live + spare[:(1 << (len(live) - 1).bit_length()) - len(live)]
-        take = np.asarray([self.slot[i] for i in keep])
-        self.state = jax.tree.map(lambda x: x[take], self.state)
-        self.slot = [keep.index(i) if i in keep else None for i in range(len(self.slot))]
-        self._compile()
+# The members' slices of the params (a program per number of members taken, at most the bundle's).
+_take = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree))
 
 
 def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epochs: int, patience: int, ks,
@@ -139,11 +128,11 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
         if not any(active):
             break
         t0 = time.perf_counter()
-        epoch_metrics = trainer.run_epoch(active)
-        train_time = time.perf_counter() - t0
+        epoch_metrics, ranks = trainer.run_epoch(active)
+        train_time = time.perf_counter() - t0  # the device's epoch and validation, dispatched together
         t1 = time.perf_counter()
-        evals = trainer.evaluate(ks)
-        eval_time = time.perf_counter() - t1
+        evals = member_metrics(ranks, ks)
+        eval_time = time.perf_counter() - t1  # the metrics, on the host
         n_active = sum(active)
         records = {}
         for i, fs in enumerate(states):
@@ -161,16 +150,15 @@ def _fit_members(trainer, states: list[FitState], hooks: list[tuple], *, num_epo
             fs.history.append(records[i])
             fs.epoch = epoch + 1
             if val["r1"] > fs.best_r1:
-                fs.best_r1, fs.best_epoch, fs.best_params = val["r1"], epoch, trainer.best_params(i)
+                fs.best_r1, fs.best_epoch = val["r1"], epoch
+        for i, params in trainer.best_params([i for i in records if states[i].best_epoch == epoch]).items():
+            states[i].best_params = params
         for i, record in records.items():
             fs = states[i]
-            reason = next((r for r in (hook(record, fs, trainer.member_state(i)) for hook in hooks[i]) if r), None)
+            state = trainer.member_state(i)
+            reason = next((r for r in (hook(record, fs, state) for hook in hooks[i]) if r), None)
             if reason or epoch - fs.best_epoch >= patience:
                 fs.stopped, active[i] = reason or "early_stopping", False
-        t_compact = time.perf_counter()
-        trainer.compact(active)
-        for i in (i for i, a in enumerate(active) if a):  # the live members pay its compile
-            states[i].compile_seconds += (time.perf_counter() - t_compact) / max(sum(active), 1)
         if len(states) == 1 and records:
             r = records[0]
             bar.set_postfix(loss=f"{r['train_loss']:.4f}", val_r1=f"{r['val_r1']:.4f}", best=f"{states[0].best_r1:.4f}")
@@ -198,8 +186,8 @@ def fit_bundle(states: TrainState, train_data, val_data, fit_states: list | None
       programs: where the compiled programs are kept (a warm runner's); default: a new one.
 
     Returns:
-      ``(states, fit_states)``: the final stacked states (of the last program: once at most half of the
-      members were live, the live ones moved into a smaller one) and each member's FitState.
+      ``(states, fit_states)``: the final stacked states (every member, in order) and each member's
+      FitState.
     """
     size = len(hooks)
     fit_states = fit_states or [FitState() for _ in range(size)]

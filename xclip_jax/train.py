@@ -24,7 +24,7 @@ def validation_loss(val_data) -> Hook:
     """Adds the epoch's validation loss to its record (one compiled program more; trials skip it)."""
 
     def hook(record, fs, state):
-        record["val_loss"] = float(eval_loss(state, val_data))
+        record["val_loss"] = float(eval_loss(state(), val_data))
 
     return hook
 
@@ -44,7 +44,7 @@ def save_for_resume(directory: Path, config: dict) -> Hook:
     from xclip_jax import checkpoint
 
     def hook(record, fs, state):
-        checkpoint.save_state(directory, state, {**fs.to_json(), "config": config}, step=record["epoch"])
+        checkpoint.save_state(directory, state(), {**fs.to_json(), "config": config}, step=record["epoch"])
 
     return hook
 
