@@ -44,6 +44,8 @@ def load_sets(data_cfg, base_data_dir, splits=SPLITS, announce=print) -> dict[st
             paths = data_cfg.paths(split, base_data_dir)
             if paths is not None:
                 out[split] = load_embedding_set(*paths, name=split)
+    if not out:  # only splits the config names no files for (an optional test set)
+        return out
     ref_name, ref = next(iter(out.items()))
     for split, s in out.items():
         if (s.image_dim, s.text_dim) != (ref.image_dim, ref.text_dim):
@@ -55,6 +57,17 @@ def load_sets(data_cfg, base_data_dir, splits=SPLITS, announce=print) -> dict[st
         if "train" in out and s is not out["train"]:
             check_disjoint(out["train"], s)
     return out
+
+
+def no_test_set(data_cfg, base_data_dir) -> str | None:
+    """The line saying that a config names no test set (so no final test R@1 will exist), with the
+    command that makes one; None when it names one (or is synthetic, which always has one)."""
+    if data_cfg.synthetic is not None or data_cfg.paths("test", base_data_dir) is not None:
+        return None
+    return ("no test set: the config's data section names no test_* files, so no final test R@1 will be "
+            "measured (the number to hold against the baselines' before shipping a head); make one with "
+            "python -m xclip_jax.data split --source-dir DIR --source NAME and set data.test_image_embeddings, "
+            "test_text_embeddings and test_metadata to its test_* files")
 
 
 def cache_dir(data_cfg, base_data_dir, root: Path) -> Path:
