@@ -154,6 +154,15 @@ def _state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
+def _devices(trials: list[FrozenTrial]) -> list[dict]:
+    seen = []
+    for t in trials:
+        device = t.user_attrs.get("device")
+        if isinstance(device, dict) and device not in seen:
+            seen.append(device)
+    return seen
+
+
 def study_summary(study: optuna.Study) -> dict:
     """Summarise a study as JSON-ready data.
 
@@ -178,6 +187,8 @@ def study_summary(study: optuna.Study) -> dict:
             "user_attrs": dict(study.user_attrs),
             # where the last driver run's time went (every run's record is in user_attrs.xclip_runs)
             "throughput": (study.user_attrs.get("xclip_runs") or [None])[-1],
+            # what the trials ran on (backend, device, memory): one entry per device seen
+            "devices": _devices(trials),
             # the closed-form linear baselines on the same data (val and test metrics of each)
             "baselines": study.user_attrs.get(BASELINES_ATTR),
             "trials": [trial_record(t) for t in sorted(trials, key=lambda t: t.number)],
