@@ -110,8 +110,9 @@ def test_write_report(study, tmp_path):
         assert written[f"plots/{name}.html"] == html
         assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
         assert "plotly" in html.read_text()
-    # The pages load plotly from beside them, never from a CDN (reports are read offline).
-    assert (out / "plots" / "plotly.min.js").is_file()
+    # The pages load plotly from the output root's one copy, never from a CDN (reports are read offline).
+    (js,) = out.glob("plotly-*.min.js")
+    assert f'src="../{js.name}"' in (out / "plots" / "optimization_history.html").read_text()
     assert "cdn.plot.ly" not in (out / "plots" / "optimization_history.html").read_text()
     assert all(p.is_file() for p in written.values())
 

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -209,7 +210,8 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
 
     Writes ``study_summary.json`` (:func:`study_summary`), ``importances.json``
     (:func:`importances`) and, for each of :data:`PLOT_NAMES`, ``plots/NAME.html``
-    (plotly; ``plots/plotly.min.js`` beside it, so the folder works offline) and
+    (plotly; one ``plotly-VERSION.min.js`` per output root, ``study_plots.shared_plotly_js``, so
+    the folder works offline) and
     ``plots/NAME.png`` (optuna.visualization.matplotlib). A plot the study can't
     support, or whose drawing fails, is skipped with a logged warning; it never raises
     for the study's contents.
@@ -231,7 +233,7 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     report["importances.json"] = imps_path
 
     written, skipped = write_plots(study, imps, out_dir / "plots")
-    report.update({f"plots/{path.name}": path for path in written})
+    report.update({Path(os.path.relpath(path, out_dir)).as_posix(): path for path in written})
     report.skipped.update(skipped)
     return report
 

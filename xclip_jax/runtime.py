@@ -113,6 +113,14 @@ def default_folder(kind: str, study_name: str) -> str:
     return str(Path(root) / study_name)
 
 
+def output_root(output_dir) -> Path:
+    """Where the files a study's outputs can share with other studies' live (one plotly.js, one copy
+    of each data set): the folder that holds the studies' own folders (``optuna_results/`` of
+    ``optuna_results/<study>``), else the study's output_dir itself."""
+    folder = Path(output_dir)
+    return folder.parent if folder.parent.name == FOLDER_ROOTS["output_dir"] else folder
+
+
 def with_study_folders(cfg):
     """A tuning config with each folder it leaves null filled in (:func:`default_folder`)."""
     changes = {kind: default_folder(kind, cfg.study_name) for kind in FOLDER_ROOTS if getattr(cfg, kind) is None}

@@ -41,6 +41,7 @@ from xclip_jax.runtime import (
     check_writable,
     claim,
     host_name,
+    output_root,
     runner_env,
     start_baselines,
     with_study_folders,
@@ -85,7 +86,7 @@ class Driver:
             if (existing := st.find_study(self.storage, cfg.study_name)) is not None:
                 space.check_space(existing, cfg)
         design = initial.design(self.storage, existing, cfg)  # checked now: enqueued once the study exists
-        self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
+        self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, output_root(self.out) / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
             for line in data.cached_sources(self.cache_dir):
@@ -365,8 +366,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     driver = Driver(cfg, progress=progress)
     driver.prepare()
     announce_study(cfg)  # once every check has passed: a refused config gets its one line only
-    before = st.counts(driver.study)
-    finished = before["finished"]
+    finished = (before := st.counts(driver.study))["finished"]
     if cfg.budget_minutes is not None:  # the budget ends the study, not a count
         driver.cfg = cfg = dataclasses.replace(cfg, n_trials=finished + 10**9)
         print(f"study {cfg.study_name}: a budget of {cfg.budget_minutes:g} minutes: trials start while one more fits "
