@@ -129,7 +129,7 @@ def make_pruner(cfg: TuneConfig):
 
 
 def pruning_warning(cfg: TuneConfig) -> str | None:
-    """A warning when successive halving can never prune within ``max_epochs`` (SPEC §5)."""
+    """A warning when successive halving can never prune within ``max_epochs`` (the original's defaults never do)."""
     p = cfg.pruner
     if p.type != "SuccessiveHalvingPruner":
         return None
