@@ -159,3 +159,27 @@ def test_a_study_says_its_device_metric_top_trials_and_what_it_lacks(tmp_path):
     mixed = [line for line in more.stderr.splitlines() if "max_epochs" in line and line.startswith("warning: ")]
     assert mixed == ["warning: study 'tiny' has trials of max_epochs 1; these train 2, and the sampler and pruner "
                      "compare them all as alike; to keep them apart use a new study_name"], more.stderr
+
+
+def test_a_changed_max_epochs_is_one_warning_line(tmp_path, capsys):
+    cfg = load_tune_config(write(tmp_path, max_epochs=1))
+    study = optuna.create_study(study_name="tiny", storage=make_storage(cfg.storage), direction="maximize")
+    space.store_space(study, cfg)
+    study.add_trial(optuna.trial.create_trial(params={"head_type": "clip"}, value=0.5, distributions={
+        "head_type": optuna.distributions.CategoricalDistribution(["siglip", "clip", "mlp"])}))
+    space.check_space(study, cfg)  # the same max_epochs: nothing to say
+    assert capsys.readouterr().err == ""
+    space.check_space(study, dataclasses.replace(cfg, max_epochs=2))
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: study 'tiny' has trials of max_epochs 1; these train 2, and the sampler and pruner compare them "
+        "all as alike; to keep them apart use a new study_name"]
+
+
+def test_a_study_without_a_test_set_says_so_at_its_start(tmp_path, capsys):
+    cfg = load_tune_config(write(tmp_path, **_files_without_test(tmp_path)))
+    runtime.announce_study(cfg)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no test set: the config's data section names no test_* "
+                                               "files") and "python -m xclip_jax.data split" in err[0]
+    runtime.announce_study(load_tune_config(write(tmp_path)))  # the synthetic set has a test split
+    assert capsys.readouterr().err == ""
