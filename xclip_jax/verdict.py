@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from xclip_jax.config import ConfigError
 from xclip_jax.errors import UserError, mask_secrets
 from xclip_jax.spec import CCA_HEADS, HeadSpec
 from xclip_jax.tune_config import INIT_LINE, trial_config
@@ -153,14 +154,19 @@ def top_table(top: list[dict], cfg) -> str | None:
     header = ("trial", "value", "gap", "head", "loss", "widths", "learning rate", "τ")
     rows = [header]
     for t in top:
-        tc = trial_config(cfg, t["params"])
+        try:
+            tc = trial_config(cfg, t["params"])
+        except (ConfigError, ValueError, KeyError):  # a trial of another space (an earlier config's): its values only
+            rows.append((f"#{t['number']}", f"{t['value']:.4f}", f"{t['behind_best']:+.3f}", str(t["params"])))
+            continue
         m = tc.model
-        widths = f"{m.output_dim}/{m.hidden_dim or 'in/2'}" if m.type in ("clip", "mlp") else str(m.output_dim)
+        widths = f"{m.output_dim}/{m.hidden_dim or 'in÷2'}" if m.type in ("clip", "mlp") else str(m.output_dim)
         rows.append((f"#{t['number']}", f"{t['value']:.4f}", f"{t['behind_best']:+.3f}" if t["behind_best"] else "",
                      m.type, tc.loss.type, widths, f"{tc.training.learning_rate:.1e}",
                      f"{tc.loss.temperature:.3f}{'~' if tc.loss.learnable_temp else ''}"))
-    width = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, width)).rstrip() for row in rows]
+    width = [max(len(row[i]) for row in rows if len(row) == len(header)) for i in range(len(header))]
+    lines = ["  " + "  ".join(cell.ljust(w) if len(row) == len(header) else cell for cell, w in zip(row, width)).rstrip()
+             for row in rows]
     return "\n".join(["top trials (validation R@1; widths output/hidden; τ the initial temperature, ~ learned):",
                       *lines])
 
