@@ -4,6 +4,7 @@ config key and flag has a description there; the README stays short."""
 import argparse
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,47 @@ def test_the_readme_is_short_and_links_into_the_docs():
     assert len(text) <= 8000, len(text)
     for link in ("docs/getting-started.md", "docs/reference/configuration.md", "docs/reference/cli.md"):
         assert f"]({link})" in text and (ROOT / link).is_file()
+
+
+def test_the_site_loads_nothing_from_another_server():
+    """Offline readers see every page whole: diagrams are SVG files drawn from the .dot beside each (no
+    mermaid from a CDN), and the theme takes no web fonts."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    assert "\n  font: false\n" in config and "mermaid" not in config.split("markdown_extensions:")[1]
+    pages = {page: page.read_text() for page in (ROOT / "docs").rglob("*.md")}
+    assert not [page for page, text in pages.items() if "```mermaid" in text]
+    drawn = [m for text in pages.values() for m in re.findall(r"\]\((?:\.\./)?(diagrams/[\w-]+\.svg)\)", text)]
+    assert len(drawn) >= 3
+    for svg in drawn:
+        assert (ROOT / "docs" / svg).is_file() and (ROOT / "docs" / svg).with_suffix(".dot").is_file(), svg
+
+
+def test_the_api_pages_cite_nothing_a_reader_has_not():
+    """The heads' and losses' docstrings say the formulas, not "SPEC §2" (a file no reader has); every
+    head field is documented, so the API page lists it."""
+    import ast
+
+    for path in (ROOT / "xclip_jax").rglob("*.py"):
+        assert "SPEC §" not in path.read_text(), path
+    tree = ast.parse((ROOT / "xclip_jax" / "heads.py").read_text())
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in ("Head", "ClipHead")):
+        for field, after in zip(cls.body, cls.body[1:] + [None]):
+            if isinstance(field, ast.AnnAssign):
+                assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant), (cls.name,
+                                                                                              field.target.id)
+
+
+def test_keys_stay_whole_and_code_blocks_show_their_ends():
+    css = (ROOT / "docs" / "stylesheets" / "extra.css").read_text()
+    assert "td:first-child code {\n  white-space: nowrap;" in css
+    assert "pre > code {\n  white-space: pre-wrap;" in css
+    assert "stylesheets/extra.css" in (ROOT / "mkdocs.yml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- --8<-- [start:quickstart] -->")[1].split("```bash\n")[1].split("```")[0]
+    assert max(len(line) for line in block.splitlines()) <= 72
+
+
+def test_the_home_page_states_the_measured_time():
+    home = (ROOT / "docs" / "index.md").read_text()
+    assert "two minutes" not in home and "2–6 min on 2 CPU cores" in home
+    assert "2–6 min on 2 CPU cores" in (ROOT / "README.md").read_text()

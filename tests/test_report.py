@@ -110,8 +110,9 @@ def test_write_report(study, tmp_path):
         assert written[f"plots/{name}.html"] == html
         assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
         assert "plotly" in html.read_text()
-    # The pages load plotly from beside them, never from a CDN (reports are read offline).
-    assert (out / "plots" / "plotly.min.js").is_file()
+    # The pages load plotly from the output root's one copy, never from a CDN (reports are read offline).
+    (js,) = out.glob("plotly-*.min.js")
+    assert f'src="../{js.name}"' in (out / "plots" / "optimization_history.html").read_text()
     assert "cdn.plot.ly" not in (out / "plots" / "optimization_history.html").read_text()
     assert all(p.is_file() for p in written.values())
 
@@ -406,6 +407,7 @@ def test_the_top_trials_and_their_margins_are_in_best_results_and_one_line(tmp_p
     assert [round(t["behind_best"], 3) for t in top] == [0.0, -0.01, -0.12, -0.32]
     assert [round(t["over_best_baseline"], 3) for t in top] == [0.02, 0.01, -0.1, -0.3]
     assert set(top[0]["params"]) >= {"head_type", "learning_rate"}
-    line = verdict.top_line(top)
-    assert line.startswith("top trials: #1 0.420, #2 0.410 (-0.010), #0 0.300 (-0.120)") and "\n" not in line
-    assert verdict.top_line(top[:1]) is None
+    table = verdict.top_table(top, cfg).splitlines()
+    assert [row.split()[:3] for row in table[2:]] == [["#1", "0.4200", top[0]["params"]["head_type"]],
+                                                      ["#2", "0.4100", "-0.010"], ["#0", "0.3000", "-0.120"],
+                                                      ["#3", "0.1000", "-0.320"]]

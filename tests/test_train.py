@@ -229,7 +229,7 @@ def test_resume_gives_the_same_result(tmp_path, capsys):
     train.main([str(write_config(part, epochs=2)), "--no-progress", "--resume", "--num-epochs", "4"])
     out = capsys.readouterr().out
     assert "resume: training.num_epochs 2 -> 4 (applied)" in out
-    assert "\nresuming from epoch 2 (best so far: epoch " in out
+    assert "\nresuming from epoch 3 (best so far: epoch " in out  # counted from 1
     # every finished run ends with what to do with its heads
     ckpt = part / "out" / "tiny" / "checkpoint"
     assert out.count(f"\nnext: python -m xclip_jax.export {ckpt} --format safetensors") == 2, out

@@ -232,10 +232,21 @@ def _nearest(key: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
+# Names that mean one of the allowed values under another name: a spelling match would mislead
+# ("ASHAPruner" is nearest to "NopPruner", which turns pruning off).
+_ASHA = ("ASHA (asynchronous successive halving) is Optuna's 'SuccessiveHalvingPruner'; 'HyperbandPruner' runs "
+         "several brackets of it")
+KNOWN_AS = {"ASHAPruner": _ASHA, "ASHA": _ASHA}
+
+
 def choice_hint(value, allowed) -> str:
-    """``; did you mean 'clip'?`` for a value close to one of ``allowed`` (a typo), else ``""``."""
+    """``; did you mean 'clip'?`` for a value close to one of ``allowed`` (a typo), the allowed name
+    of a value known under another (``KNOWN_AS``), else ``""``."""
     if not isinstance(value, str) or value in allowed:
         return ""
+    known = next((said for name, said in KNOWN_AS.items() if name.lower() == value.lower()), None)
+    if known:
+        return f"; {known}"
     close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -80,7 +80,13 @@ def save_features(zi_NxD, zt_TxD, row_image_T, out_dir, split: str, announce=pri
 
 
 def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | None = None) -> dict:
-    """Metrics of a checkpoint's heads on ``split`` (a split of its config, or a set NAME in ``data_dir``)."""
+    """Metrics of a checkpoint's heads on ``split`` (a split of its config, or a set NAME in ``data_dir``);
+    ``test`` where the config names no test set is its val set (said in one line)."""
+    return _evaluate(checkpoint_dir, split, data_dir)[1]
+
+
+def _evaluate(checkpoint_dir, split: str, data_dir: str | None, announce=print) -> tuple[str, dict]:
+    """``(the split evaluated, its metrics)``: see :func:`evaluate_checkpoint`."""
     from xclip_jax import checkpoint, data
     from xclip_jax.metrics import retrieval_metrics_indexed
 
@@ -92,6 +98,10 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | Non
         raise UserError(f"--set {split}: a set NAME needs --data-dir DIR (with {split}_image_embeddings.npy etc.); "
                         "without it use test, val or train")
     else:
+        if split == "test" and (missing := data.no_test_set(cfg.data, cfg.base_data_dir)):
+            if announce:
+                announce(f"{missing}; evaluating on the val set instead")
+            split = "val"
         sets = data.load_sets(cfg.data, cfg.base_data_dir, splits=(split,))
         if split not in sets:
             raise UserError(f"the checkpoint's config names no {split!r} set; pass --data-dir DIR with "
@@ -102,7 +112,7 @@ def evaluate_checkpoint(checkpoint_dir, split: str = "test", data_dir: str | Non
                         f"{heads.image_dim}/{heads.text_dim}; evaluate on embeddings from the same encoders")
     zi = heads.encode_images(eset.image)
     zt = heads.encode_texts(eset.text)
-    return retrieval_metrics_indexed(zi, zt, eset.row_image, ks=tuple(cfg.evaluation.top_k))
+    return split, retrieval_metrics_indexed(zi, zt, eset.row_image, ks=tuple(cfg.evaluation.top_k))
 
 
 def metrics_path(checkpoint_dir, split: str) -> Path:
@@ -124,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
                     "config's test or val split, or a set NAME in --data-dir) and print R@K both ways, median "
                     "ranks and mean recall on de-duplicated images; the metrics are also written as JSON.")
     parser.add_argument("checkpoint", help="a checkpoint directory written by train or tune")
-    parser.add_argument("--set", default="test", metavar="SET", help="test, val, or a set NAME (with --data-dir)")
+    parser.add_argument("--set", default="test", metavar="SET",
+                        help="test (val where the config names no test set), val, or a set NAME (with --data-dir)")
     parser.add_argument("--data-dir", metavar="DIR", help="folder with NAME_image_embeddings.* etc.")
     parser.add_argument("--out", metavar="FILE", help="JSON output (default: CHECKPOINT/metrics_<set>.json, one per checkpoint and set)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -135,9 +146,9 @@ def main(argv=None):
     from xclip_jax.metrics import format_table
 
     args = parser().parse_args(argv)
-    metrics = evaluate_checkpoint(args.checkpoint, args.set, args.data_dir)
-    print(f"{args.set}:\n{format_table(metrics)}")
-    out = Path(args.out) if args.out else metrics_path(args.checkpoint, args.set)
+    split, metrics = _evaluate(args.checkpoint, args.set, args.data_dir)
+    print(f"{split}:\n{format_table(metrics)}")
+    out = Path(args.out) if args.out else metrics_path(args.checkpoint, split)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
     return 0

@@ -27,22 +27,33 @@ def _pyplot():
 
 
 def plot_curves(history: list, best_epoch: int, path) -> None:
-    """Loss and validation R@1 per epoch, the best epoch marked, as a PNG."""
+    """Loss and validation R@1 per epoch, the best epoch marked, as a PNG (:func:`curves_figure`)."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    fig = curves_figure(history, best_epoch)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(history: list, best_epoch: int):
+    """The training curves' figure: epochs counted from 1 (as the training CLI and the export count
+    them), on whole-number ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    epochs = [h["epoch"] + 1 for h in history]
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
     ax_r1.plot(epochs, [h["val_r1"] for h in history], marker="o", color="C2", label="val R@1")
     for ax in (ax_loss, ax_r1):
-        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch {best_epoch}")
+        ax.axvline(best_epoch + 1, color="grey", linestyle="--", label=f"best epoch {best_epoch + 1}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.legend()
     ax_loss.set_title("loss")
     ax_r1.set_title("validation R@1 (mean of i2t, t2i)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def sample_pairs(row_image: np.ndarray, samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

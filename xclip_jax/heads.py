@@ -1,5 +1,8 @@
-"""The projection heads (SPEC §2) as Flax modules, each built at static (padded) widths and called
-with a member's real widths as data.
+"""The projection heads as Flax modules, one per modality, each ending in L2 normalisation
+(``x / max(‖x‖, 1e-12)``): ``siglip`` (LayerNorm → Dropout → Linear without bias), ``clip`` (Linear →
+GELU → Dropout → Linear), ``mlp`` (``clip`` then LayerNorm), ``attention`` (self-attention blocks, then
+Linear → LayerNorm) and ``linear`` (Dropout → Linear); each class below gives its layers. Each is
+built at static (padded) widths and called with a member's real widths as data.
 
 A head's static sizes (output width, hidden width, attention layers) are the program's; the real
 ones of the trial it computes (``Widths``) are arrays, so trials of one head type with other widths
@@ -152,14 +155,23 @@ def _gelu(x):
 
 class Head(nn.Module):
     """What every head has: its static widths (the program's) and the defaults of a head built at
-    its real widths (``make_head``), which a call's ``widths`` and ``dropout_rate`` replace."""
+    its real widths (``make_head``), which a call's ``widths`` and ``dropout_rate`` replace. Every
+    head class takes these fields (``ClipHead(output_dim=256, hidden_dim=512, dropout=0.1)``).
+    """
 
     output_dim: int
+    """The width of the shared embedding space (the output)."""
     hidden_dim: int = 0
+    """The hidden layer's width (``clip`` and ``mlp``; 0 where a head has none)."""
     num_layers: int = 1
-    num_heads: int = 1  # in a program, the most heads a member has: attention dropout draws that many
+    """Attention blocks (``attention`` only)."""
+    num_heads: int = 1
+    """Attention heads (``attention`` only); in a program, the most heads a member has: attention
+    dropout draws that many."""
     dropout: float = 0.0
+    """The dropout rate where a call gives no ``dropout_rate``."""
     dtype: str = "float32"
+    """The computation's dtype (``float32`` or ``bfloat16``); parameters stay float32."""
 
     def _real(self, widths: Widths | None) -> Widths:
         return widths if widths is not None else Widths(self.output_dim, self.hidden_dim, self.num_layers,
@@ -189,6 +201,7 @@ class ClipHead(Head):
     """Linear(in→hidden) → GELU → Dropout → Linear(hidden→out) [→ LayerNorm for mlp] → L2."""
 
     final_norm: bool = False
+    """The LayerNorm after the output projection (the ``mlp`` head)."""
 
     @nn.compact
     def __call__(self, x, widths: Widths | None = None, *, train: bool = False, dropout_rate=None):
@@ -214,7 +227,9 @@ class AttentionBlock(nn.Module):
     """
 
     dtype: Any = jnp.float32
-    max_heads: int = 1  # the most heads a member of the program has (static; num_heads is data)
+    """The computation's dtype."""
+    max_heads: int = 1
+    """The most heads a member of the program has (static; a call's ``num_heads`` is data)."""
 
     @nn.compact
     def __call__(self, x, num_heads, live=True, *, train: bool = False, dropout_rate=0.0):

@@ -1,4 +1,8 @@
-"""Contrastive losses over L2-normalised embeddings (SPEC §3), all jit-compatible.
+"""Contrastive losses over L2-normalised embeddings, all jit-compatible: ``sigmoid_infonce`` (SigLIP's
+pairwise binary cross-entropy, with its learnable bias), ``softmax_infonce`` (InfoNCE both ways,
+every caption of an image a positive) and ``queue_infonce`` (image→text InfoNCE against a MoCo-style
+queue of earlier texts). Each function gives its formula. ``τ`` is the temperature and
+``pos[i, j] = ids[i] == ids[j]``.
 
 Every loss takes ``zi`` [B, D] image embeddings, ``zt`` [B, D] text embeddings and ``ids`` [B]
 (equal ids mark captions of the same image) and computes in float32.
@@ -22,7 +26,8 @@ def _logits(zi, zt, temperature):
 
 
 def sigmoid_infonce(zi, zt, ids, *, temperature, bias=0.0, normalize="pairs"):
-    """Binary cross-entropy over every image–text pair (SigLIP-style).
+    """Binary cross-entropy over every image–text pair (SigLIP-style): logits ``= zi·ztᵀ / τ + b``,
+    the loss the binary cross-entropy with logits against ``pos`` over all B×B entries.
 
     Args:
       zi, zt: [B, D] normalised embeddings. ids: [B] image ids.
@@ -46,7 +51,9 @@ def sigmoid_infonce(zi, zt, ids, *, temperature, bias=0.0, normalize="pairs"):
 
 
 def softmax_infonce(zi, zt, ids, *, temperature):
-    """Symmetric multi-positive InfoNCE: every caption of the image is a positive.
+    """Symmetric multi-positive InfoNCE: every caption of the image is a positive. With ``P`` the
+    positive mask ``pos`` with rows normalised to sum 1, ``L_i2t = −Σ P ⊙ log_softmax(zi·ztᵀ / τ, axis=1)
+    / B`` and ``L_t2i`` the same on the transposed logits.
 
     Args:
       zi, zt: [B, D] normalised embeddings. ids: [B] image ids. temperature: τ.
@@ -118,7 +125,10 @@ def enqueue(queue: QueueState, emb_BxD, ids_B, size=None) -> QueueState:
 
 
 def queue_infonce(zi, zt, ids, queue: QueueState, *, temperature, mask_batch_duplicates=True, size=None):
-    """Image→text InfoNCE against the batch's texts and a queue of earlier texts.
+    """Image→text InfoNCE against the batch's texts and a queue of earlier texts (MoCo-style):
+    logits ``= [zi·ztᵀ, zi·Qᵀ] / τ``, the label of row i its own text; queue entries of the row's
+    image and empty slots are masked to −∞; then cross-entropy. After the step the batch's texts
+    enter the FIFO ring buffer.
 
     Args:
       zi, zt: [B, D] normalised embeddings. ids: [B] image ids. queue: the ring buffer.

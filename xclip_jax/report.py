@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -155,6 +156,15 @@ def _state_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
+def _devices(trials: list[FrozenTrial]) -> list[dict]:
+    seen = []
+    for t in trials:
+        device = t.user_attrs.get("device")
+        if isinstance(device, dict) and device not in seen:
+            seen.append(device)
+    return seen
+
+
 def study_summary(study: optuna.Study) -> dict:
     """Summarise a study as JSON-ready data.
 
@@ -179,6 +189,8 @@ def study_summary(study: optuna.Study) -> dict:
             "user_attrs": dict(study.user_attrs),
             # where the last driver run's time went (every run's record is in user_attrs.xclip_runs)
             "throughput": (study.user_attrs.get("xclip_runs") or [None])[-1],
+            # what the trials ran on (backend, device, memory): one entry per device seen
+            "devices": _devices(trials),
             # the closed-form linear baselines on the same data (val and test metrics of each)
             "baselines": study.user_attrs.get(BASELINES_ATTR),
             "trials": [trial_record(t) for t in sorted(trials, key=lambda t: t.number)],
@@ -199,7 +211,8 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
 
     Writes ``study_summary.json`` (:func:`study_summary`), ``importances.json``
     (:func:`importances`) and, for each of :data:`PLOT_NAMES`, ``plots/NAME.html``
-    (plotly; ``plots/plotly.min.js`` beside it, so the folder works offline) and
+    (plotly; one ``plotly-VERSION.min.js`` per output root, ``study_plots.shared_plotly_js``, so
+    the folder works offline) and
     ``plots/NAME.png`` (optuna.visualization.matplotlib). A plot the study can't
     support, or whose drawing fails, is skipped with a logged warning; it never raises
     for the study's contents.
@@ -221,7 +234,7 @@ def _write_report(study: optuna.Study, out_dir: str | Path) -> Report:
     report["importances.json"] = imps_path
 
     written, skipped = write_plots(study, imps, out_dir / "plots")
-    report.update({f"plots/{path.name}": path for path in written})
+    report.update({Path(os.path.relpath(path, out_dir)).as_posix(): path for path in written})
     report.skipped.update(skipped)
     return report
 

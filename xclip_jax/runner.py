@@ -65,7 +65,7 @@ class Runner:
         from xclip_jax.padding import study_buckets
         from xclip_jax.pool import INDEX_ENV
         from xclip_jax.programs import Programs
-        from xclip_jax.runtime import STORAGE_ENV
+        from xclip_jax.runtime import STORAGE_ENV, device_info
         from xclip_jax.step import to_device
         from xclip_jax.storage import make_storage
         from xclip_jax.tune_config import load_tune_config
@@ -82,6 +82,7 @@ class Runner:
         jax.block_until_ready((self.train_data, self.val_data))
         self.programs = Programs()
         self.backend = jax.default_backend()
+        self.device = device_info(jax.devices()[0])  # a trial's `device` attribute: backend, card, memory
         # Compile the next trial while this one trains: worth it where the host has a core to spare
         # while training runs (a GPU trains; or fewer runners than CPU cores). Without a spare core
         # the compile takes the core another runner trains on and the study slows down (the
@@ -175,7 +176,7 @@ class Runner:
         out = Path(self.cfg.checkpoint_dir) / f"{trial.number:05d}"
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(train_cfg, out / "cfg.yaml", header=TRIAL_HEADER.format(number=trial.number, study=self.cfg.study_name))
-        attrs = {"host": host_name(), "jax_backend": self.backend,
+        attrs = {"host": host_name(), "jax_backend": self.backend, "device": self.device,
                  "xla_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true"), "checkpoint": str(out)}
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             attrs["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -289,7 +290,8 @@ class Runner:
         for trial, fs in zip(trials, fit_states):
             timings = {**shared, "train_seconds": fs.train_seconds(), "eval_seconds": fs.eval_seconds(),
                        "runner_trial": self.trials_run, "runner_rss_mb": rss_bytes(os.getpid()) >> 20,
-                       "best_epoch": fs.best_epoch, "stopped": fs.stopped}
+                       "best_epoch": fs.best_epoch, "stopped": fs.stopped,
+                       "rows_trained": self.train_set.rows * len(fs.history)}
             for key, value in timings.items():
                 trial.set_user_attr(key, round(value, 3) if isinstance(value, float) else value)
             diverged = fs.stopped.startswith("diverged")

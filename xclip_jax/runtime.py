@@ -113,24 +113,125 @@ def default_folder(kind: str, study_name: str) -> str:
     return str(Path(root) / study_name)
 
 
+def output_root(output_dir) -> Path:
+    """Where the files a study's outputs can share with other studies' live (one plotly.js, one copy
+    of each data set): the folder that holds the studies' own folders (``optuna_results/`` of
+    ``optuna_results/<study>``), else the study's output_dir itself."""
+    folder = Path(output_dir)
+    return folder.parent if folder.parent.name == FOLDER_ROOTS["output_dir"] else folder
+
+
 def with_study_folders(cfg):
     """A tuning config with each folder it leaves null filled in (:func:`default_folder`)."""
     changes = {kind: default_folder(kind, cfg.study_name) for kind in FOLDER_ROOTS if getattr(cfg, kind) is None}
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def gpu_memory_bytes(devices=None) -> int | None:
-    """The memory of the smallest of the study's GPUs (``devices``: their indices; None: all), as
-    ``nvidia-smi`` reports it (the driver imports no jax); None where there is no NVIDIA GPU."""
+# ----------------------------------------------------------------------------- the machine
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=30)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _proc_field(path: str, field: str) -> str | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _host() -> tuple[str, float | None]:
+    """The CPU's model name with its cores, and the host's memory in GiB (None when unknown)."""
+    import platform
+
+    name = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "CPU"
+    kib = _proc_field("/proc/meminfo", "MemTotal")
+    return f"{name} ({cores()} cores)", int(kib.split()[0]) / 2**20 if kib else None
+
+
+def nvidia_cards() -> dict[int, tuple[str, int]]:
+    """The NVIDIA cards ``nvidia-smi`` lists, ``{index: (name, memory bytes)}`` (no jax); empty without it."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return None
-    sizes = {}
+        return {}
+    cards = {}
     for line in done.stdout.splitlines() if done.returncode == 0 else ():
-        index, _, mib = line.partition(",")
-        if index.strip().isdigit() and mib.strip().isdigit():
-            sizes[int(index)] = int(mib) * 2**20
-    picked = [sizes[i] for i in (devices if devices else sizes) if i in sizes]
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 3 and fields[0].isdigit() and fields[2].isdigit():
+            cards[int(fields[0])] = (fields[1], int(fields[2]) * 2**20)
+    return cards
+
+
+def gpu_memory_bytes(devices=None) -> int | None:
+    """The memory of the smallest of the study's GPUs (``devices``: their indices; None: all); None
+    where there is no NVIDIA GPU."""
+    cards = nvidia_cards()
+    picked = [cards[i][1] for i in (devices if devices else cards) if i in cards]
     return min(picked) if picked else None
+
+
+def device_info(jax_device=None) -> dict:
+    """What runs the work: ``{"backend", "device", "memory_gb"}``. From ``jax_device`` where one is
+    given (its platform, kind and memory); else judged without jax, as the tuning driver must (the
+    backend its trial processes will take, ``nvidia-smi`` for a card)."""
+    from xclip_jax.padding import expected_backend
+
+    if jax_device is not None:
+        backend, device, memory = jax_device.platform, jax_device.device_kind, None
+        try:
+            memory = (jax_device.memory_stats() or {}).get("bytes_limit")
+            memory = memory / 2**30 if memory else None
+        except Exception:  # a backend without memory statistics
+            pass
+    else:
+        backend, device, memory = expected_backend(), None, None
+        if backend == "gpu":
+            cards = nvidia_cards()
+            device, memory = (cards[min(cards)][0], cards[min(cards)][1] / 2**30) if cards else ("GPU", None)
+    if backend == "cpu":
+        device, memory = _host()
+    return {"backend": backend, "device": device, "memory_gb": None if memory is None else round(memory, 1)}
+
+
+def device_line(info: dict) -> str:
+    """``device: cpu backend, Intel(R) Xeon(R) … (2 cores), 23.4 GiB memory``."""
+    memory = f"{info['memory_gb']:.1f} GiB memory" if info.get("memory_gb") else "memory unknown"
+    return f"device: {info['backend']} backend, {info['device']}, {memory}"
+
+
+def cores_warning(n_jobs: int, backend: str) -> str | None:
+    """A warning when more trial processes than CPU cores would share a CPU (on a GPU the card's
+    memory limits ``n_jobs``, not the cores)."""
+    have = cores()
+    if backend != "cpu" or n_jobs <= have:
+        return None
+    return (f"n_jobs {n_jobs} is above this machine's {have} CPU cores: the trial processes take turns on them "
+            f"(the same results, every start-up and epoch slower); set n_jobs: {have} (or --n-jobs {have})")
+
+
+def announce_study(cfg) -> dict:
+    """A study's start-up lines about where it runs: the device (stdout), and warnings (stderr) for
+    more trial processes than cores and for a config without a test set. Returns the device info."""
+    from xclip_jax.data import no_test_set
+
+    info = device_info()
+    print(f"{device_line(info)}; {cfg.n_jobs} trial process{'es' if cfg.n_jobs > 1 else ''} at once")
+    for warning in (cores_warning(cfg.n_jobs, info["backend"]), no_test_set(cfg.data, cfg.base_data_dir)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    return info
+
+
+def rows_per_second(rows_trained: float, seconds: float) -> float | None:
+    """Training rows per second (None without time to divide by)."""
+    return round(rows_trained / seconds, 1) if seconds > 0 else None

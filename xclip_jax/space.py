@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import sys
 
 import optuna
 
@@ -172,13 +173,38 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=list))
 
 
+EPOCHS_ATTR = "xclip_max_epochs"  # every max_epochs the study's trials were run with
+
+
+def check_ours(study: optuna.Study) -> None:
+    """Refuse a study this package did not write (none of its ``xclip_`` attributes, trials there):
+    the original tool's, say, under the same default study_name and storage. Its trials' values are
+    not ours to hand over as the study's answer, nor its checkpoints ours to point at. Reads only."""
+    if any(key.startswith("xclip_") for key in study.user_attrs) or not study.get_trials(deepcopy=False):
+        return
+    n = len(study.get_trials(deepcopy=False))
+    raise UserError(f"study {study.study_name!r} in this storage was not written by xclip_jax ({n} trial"
+                    f"{'s' if n != 1 else ''} of another tool, e.g. the original PyTorch one): its values and "
+                    "checkpoints are not this package's; give this study another study_name (--study-name NAME) "
+                    "or another storage")
+
+
+def _range(space: dict) -> str:
+    if space["type"] == "categorical":
+        return f"choices {space['choices']}"
+    return f"{space['type']} {space['low']:g}..{space['high']:g}{' (log)' if space.get('log') else ''}"
+
+
 def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
-    """Refuse a search space that changed under an existing study name (reads only).
+    """Refuse a search space that changed under an existing study name (reads only), and a study
+    this package did not write (:func:`check_ours`).
 
     A categorical parameter whose choices changed, or a parameter whose type changed, cannot
-    continue (Optuna can't compare its trials); a changed numeric range is allowed with a warning.
+    continue (Optuna can't compare its trials); a changed numeric range is allowed with a warning,
+    and so is a changed ``max_epochs`` (its trials and the earlier ones are compared as if alike).
     A study with no finished or running trial may change its space freely.
     """
+    check_ours(study)
     old = study.user_attrs.get(SPACE_ATTR)
     if old is None or not _has_trials(study):
         return
@@ -193,14 +219,23 @@ def check_space(study: optuna.Study, cfg: TuneConfig) -> None:
             raise UserError(f"search space changed for study {study.study_name!r}: {name} choices were "
                             f"{a['choices']}, config has {b['choices']}; {fix}")
         if a != b:
-            log.warning("search space of %s changed (%s → %s); continuing the study", name, a, b)
+            print(f"warning: search space of {name} changed ({_range(a)} -> {_range(b)}); continuing study "
+                  f"{study.study_name!r}, whose earlier trials were drawn from the old range", file=sys.stderr)
+    epochs = [e for e in study.user_attrs.get(EPOCHS_ATTR) or () if e != cfg.max_epochs]
+    if epochs:
+        print(f"warning: study {study.study_name!r} has trials of max_epochs {', '.join(map(str, epochs))}; these "
+              f"train {cfg.max_epochs}, and the sampler and pruner compare them all as alike; to keep them apart "
+              "use a new study_name", file=sys.stderr)
 
 
 def store_space(study: optuna.Study, cfg: TuneConfig) -> None:
     """Record the search space with the study (after ``check_space`` passed): a new study's, or the
-    new space of a study that has no trials yet."""
+    new space of a study that has no trials yet; and the ``max_epochs`` its trials run with."""
     if SPACE_ATTR not in study.user_attrs or not _has_trials(study):
         study.set_user_attr(SPACE_ATTR, _jsonable(space_record(cfg)))
+    epochs = study.user_attrs.get(EPOCHS_ATTR) or [] if _has_trials(study) else []
+    if cfg.max_epochs not in epochs:
+        study.set_user_attr(EPOCHS_ATTR, sorted({*epochs, cfg.max_epochs}))
 
 
 def _has_trials(study: optuna.Study) -> bool:

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from xclip_jax import space
 from xclip_jax.errors import UserError, exception_line, mask_secrets
+from xclip_jax.runtime import rows_per_second
 from xclip_jax.spec import key_seed
 from xclip_jax.storage import make_storage, quiet_optuna, retry_races
 from xclip_jax.tune_config import (
@@ -128,7 +129,7 @@ def make_pruner(cfg: TuneConfig):
 
 
 def pruning_warning(cfg: TuneConfig) -> str | None:
-    """A warning when successive halving can never prune within ``max_epochs`` (SPEC §5)."""
+    """A warning when successive halving can never prune within ``max_epochs`` (the original's defaults never do)."""
     p = cfg.pruner
     if p.type != "SuccessiveHalvingPruner":
         return None
@@ -307,7 +308,9 @@ def record_throughput(study: optuna.Study, trials, n_jobs: int, wall_seconds: fl
               **{k: round(v, 3) for k, v in sums.items()},
               "programs_compiled": sum(t.user_attrs.get("programs_compiled", 0) for t in trials),
               "compile_cache_hits": sum(t.user_attrs.get("compile_cache_hits", 0) for t in trials),
-              "useful_fraction": round(sums["train_seconds"] / (n_jobs * wall_seconds), 4) if wall_seconds else 0.0}
+              "useful_fraction": round(sums["train_seconds"] / (n_jobs * wall_seconds), 4) if wall_seconds else 0.0,
+              "rows_per_second": rows_per_second(sum(t.user_attrs.get("rows_trained", 0) for t in trials),
+                                                 sums["train_seconds"])}
     if trials:
         study.set_user_attr(RUNS_ATTR, list(study.user_attrs.get(RUNS_ATTR, [])) + [record])
     return record

@@ -1,5 +1,5 @@
 """A study's parameter importances and its plots: for each of :data:`PLOT_NAMES`, ``NAME.html`` (plotly, with
-one ``plotly.min.js`` beside them so the folder works offline) and ``NAME.png`` (optuna's matplotlib
+one ``plotly-VERSION.min.js`` per output root, so that the folder works offline) and ``NAME.png`` (optuna's matplotlib
 plots; the intermediate values are drawn here, coloured by state and value, so that a hundred trials
 stay readable). A plot the study can't support yet, or whose drawing fails, is skipped with a reason."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from xclip_jax.runtime import output_root
 
 logger = logging.getLogger("xclip_jax.report")
 
@@ -146,13 +149,55 @@ def _write_html(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
         for label, value in _baseline_lines(study):
             fig.add_hline(y=value, line_dash="dot", line_color="grey", annotation_text=label,
                           annotation_position="bottom right")
-    # "directory" puts one plotly.min.js beside the pages: works offline (no CDN)
-    # without embedding ~4 MB of JavaScript in every page.
-    fig.write_html(str(path), include_plotlyjs="directory")
+    if name == "parallel_coordinate":
+        _visible_lines(fig)
+    # One plotly.js per output root, shared by its studies' pages: they work offline (no CDN) without
+    # ~4.8 MB of JavaScript in every page or every study.
+    fig.write_html(str(path), include_plotlyjs=os.path.relpath(shared_plotly_js(path.parent), path.parent))
+
+
+# The parallel coordinates' colours: optuna's Blues draws the worst trials near white, unseen on the
+# plot's background; viridis without its palest end shows every trial.
+VISIBLE_SCALE_END = 0.85
+
+
+def _visible_lines(fig) -> None:
+    """Recolour optuna's parallel-coordinate lines (plotly) and their colour bar on a scale that every
+    value shows on: a line's place on the objective axis (its first point, 0..1) is its colour."""
+    from plotly.colors import sample_colorscale
+
+    def scale(t: float) -> str:
+        return sample_colorscale("Viridis", [VISIBLE_SCALE_END * t])[0]
+
+    bar = next((t for t in fig.data if getattr(t.marker, "showscale", None)), None)
+    reverse = bool(bar is not None and bar.marker.reversescale)
+    for trace in fig.data:
+        if trace.mode == "lines" and trace.y:
+            t = float(trace.y[0])
+            trace.line.color = scale(1.0 - t if reverse else t)
+    if bar is not None:
+        bar.marker.colorscale = [[i / 10, scale(i / 10)] for i in range(11)]
+
+
+def shared_plotly_js(plots_dir: Path) -> Path:
+    """plotly.js, written once per output root (``runtime.output_root`` of the plots' study folder) and
+    named by its version, so that the studies there share one copy."""
+    import plotly.offline
+
+    root = output_root(Path(plots_dir).parent)
+    path = root / f"plotly-{plotly.offline.get_plotlyjs_version()}.min.js"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(plotly.offline.get_plotlyjs(), encoding="utf-8")
+        tmp.replace(path)  # another report writing it at the same moment writes the same bytes
+    return path
 
 
 def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
+    import numpy as np
     import optuna.visualization.matplotlib as vis_mpl
+    from matplotlib import colormaps, colors
     from matplotlib import pyplot as plt
 
     with warnings.catch_warnings():
@@ -171,6 +216,8 @@ def _write_png(name: str, study: optuna.Study, imps: dict, path: Path) -> None:
             ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if name == "parallel_coordinate":
         _readable_axes(ax)
+        for lines in ax.collections:  # optuna's Blues: the worst trials white on white
+            lines.set_cmap(colors.ListedColormap(colormaps["viridis"](np.linspace(0, VISIBLE_SCALE_END, 256))))
     try:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     finally:
@@ -344,7 +391,6 @@ def write_plots(study: optuna.Study, imps: dict[str, float], plots_dir: Path) ->
                 path.unlink(missing_ok=True)
                 continue
             written.append(path)
-    js = plots_dir / "plotly.min.js"
-    if js.exists() and any(p.suffix == ".html" for p in written):
-        written.append(js)
+    if any(p.suffix == ".html" for p in written):
+        written.append(shared_plotly_js(plots_dir))
     return written, skipped

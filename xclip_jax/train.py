@@ -8,6 +8,7 @@ resumable state, then writes the history, the curves and the final evaluation.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import jax
@@ -35,6 +36,16 @@ def save_best(save) -> Hook:
     def hook(record, fs, state):
         if fs.improved_at(record["epoch"]):
             save(fs.best_params, record["epoch"], record["val_r1"])
+
+    return hook
+
+
+def throughput(rows: int, device: str) -> Hook:
+    """Adds the device and the training rows per second to each epoch's record."""
+    from xclip_jax.runtime import rows_per_second
+
+    def hook(record, fs, state):
+        record.update(device=device, rows_per_second=rows_per_second(rows, record["train_time"]))
 
     return hook
 
@@ -113,7 +124,7 @@ def _resumed(resume_dir: Path, ckpt_dir: Path, state: TrainState, config: dict):
     state, saved = checkpoint.restore_state(resume_dir, state)
     best_params, _ = checkpoint.load_raw(ckpt_dir)
     fs = FitState.from_json(saved, best_params)
-    print(f"resuming from epoch {fs.epoch} (best so far: epoch {fs.best_epoch}, val R@1 {fs.best_r1:.4f})")
+    print(f"resuming from epoch {fs.epoch + 1} (best so far: epoch {fs.best_epoch + 1}, val R@1 {fs.best_r1:.4f})")
     return jax.device_put(state), fs
 
 
@@ -137,6 +148,7 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     from xclip_jax.errors import UserError
     from xclip_jax.evaluate import write_evaluation
     from xclip_jax.figures import plot_curves
+    from xclip_jax.runtime import device_info, device_line, rows_per_second
 
     out_dir = Path(out_dir)
     ckpt_dir, resume_dir = out_dir / "checkpoint", out_dir / "resume"
@@ -147,6 +159,8 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     sets = load_sets(cfg.data, cfg.base_data_dir)
     check_fits(cfg, sets["train"])
     print(settings_line(cfg, sets["train"].image_dim, sets["train"].text_dim))
+    device = device_info(jax.config.jax_default_device or jax.devices()[0])
+    print(device_line(device))
     out_dir.mkdir(parents=True, exist_ok=True)  # once the config and the data are known to be good
     train_data, val_data = to_device(sets["train"]), to_device(sets["val"])
     spec = RunSpec.of(cfg, sets["train"].image_dim, sets["train"].text_dim)
@@ -158,18 +172,23 @@ def run_training(cfg, out_dir, *, resume: bool = False, progress: bool = True) -
     def save(params, epoch, r1):
         checkpoint.save_heads(ckpt_dir, params, config, checkpoint.heads_metadata(sets["train"], epoch, r1), step=epoch)
 
-    hooks = (validation_loss(val_data), save_best(save), save_for_resume(resume_dir, config))
+    hooks = (throughput(sets["train"].rows, device_line(device).removeprefix("device: ")), validation_loss(val_data),
+             save_best(save), save_for_resume(resume_dir, config))
     state, fs = fit(state, train_data, val_data, fit_state, num_epochs=cfg.training.num_epochs,
                     patience=cfg.training.patience, hooks=hooks, ks=tuple(cfg.evaluation.top_k), progress=progress)
     if fs.stopped.startswith("diverged"):  # the best epoch before it, if any, is saved in checkpoint/
         raise TrainingDiverged.at(fs.stopped)
     (out_dir / "training_history.json").write_text(json.dumps(fs.history, indent=2))
     summary = {"best_epoch": fs.best_epoch, "best_val_r1": fs.best_r1, "stopped": fs.stopped,
-               "epochs": len(fs.history), "compile_seconds": fs.compile_seconds, "train_seconds": fs.train_seconds()}
+               "epochs": len(fs.history), "compile_seconds": fs.compile_seconds, "train_seconds": fs.train_seconds(),
+               "device": device,
+               "rows_per_second": rows_per_second(sets["train"].rows * len(fs.history), fs.train_seconds()),
+               "no_test_set": "test" not in sets}
     if fs.best_params is not None:
         plot_curves(fs.history, fs.best_epoch, out_dir / "training_curves.png")
         metrics = write_evaluation(cfg, spec, fs.best_params, sets, out_dir)
-        summary["metrics"] = {"best_epoch": fs.best_epoch, "best_val_r1": fs.best_r1, **metrics}
+        summary["metrics"] = {"best_epoch": fs.best_epoch, "best_val_r1": fs.best_r1, **metrics,
+                              "device": device, "rows_per_second": summary["rows_per_second"]}
         (out_dir / "metrics.json").write_text(json.dumps(summary["metrics"], indent=2))
     return summary
 
@@ -251,10 +270,17 @@ def main(argv=None):
             summary = run_training(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
-    print(f"best epoch {summary['best_epoch']} (val R@1 {summary['best_val_r1']:.4f}, {summary['stopped']})")
+    rate = f"; {summary['rows_per_second']:,.0f} training rows/s" if summary["rows_per_second"] else ""
+    # counted from 1, as the export and the curves count (the history's records count from 0)
+    print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']} (val R@1 {summary['best_val_r1']:.4f}, "
+          f"{summary['stopped']}){rate} on {summary['device']['backend']}")
     for split in ("test", "val"):
         if split in summary.get("metrics", {}):
             print(f"\n{split}:\n{format_table(summary['metrics'][split])}")
+    if summary["no_test_set"]:
+        from xclip_jax.data import no_test_set
+
+        print(f"warning: {no_test_set(cfg.data, cfg.base_data_dir)}", file=sys.stderr)
     print(f"\noutputs in {out_dir}")
     if "metrics" in summary:  # a best epoch was saved
         print(next_line(out_dir))

@@ -27,18 +27,21 @@ from xclip_jax.report import record_output_dir
 from xclip_jax.verdict import (
     bundle_line,
     next_step,
+    outcome_line,
     report_baselines,
     throughput_line,
-    top_line,
+    top_table,
     top_trials,
     trial_line,
 )
 from xclip_jax.runtime import (
     STORAGE_ENV,
+    announce_study,
     check_owners,
     check_writable,
     claim,
     host_name,
+    output_root,
     runner_env,
     start_baselines,
     with_study_folders,
@@ -83,7 +86,7 @@ class Driver:
             if (existing := st.find_study(self.storage, cfg.study_name)) is not None:
                 space.check_space(existing, cfg)
         design = initial.design(self.storage, existing, cfg)  # checked now: enqueued once the study exists
-        self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, self.out / "data_cache")
+        self.cache_dir = data.cache_dir(cfg.data, cfg.base_data_dir, output_root(self.out) / "data_cache")
         if data.cached_splits(self.cache_dir):
             sets = data.read_cache(self.cache_dir)
             for line in data.cached_sources(self.cache_dir):
@@ -358,7 +361,8 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
     ran = cfg  # what the caller gets back: the config as given, with init searched where it is
     driver = Driver(cfg, progress=progress)
     driver.prepare()
-    finished = st.counts(driver.study)["finished"]
+    announce_study(cfg)  # once every check has passed: a refused config gets its one line only
+    finished = (before := st.counts(driver.study))["finished"]
     if cfg.budget_minutes is not None:  # the budget ends the study, not a count
         driver.cfg = cfg = dataclasses.replace(cfg, n_trials=finished + 10**9)
         print(f"study {cfg.study_name}: a budget of {cfg.budget_minutes:g} minutes: trials start while one more fits "
@@ -371,7 +375,7 @@ def run_study(cfg, *, progress: bool = True, add_trials: int | None = None) -> d
               "run, outputs refreshed; to run more add --add-trials N (or raise n_trials)")
     elif finished:
         print(f"study {cfg.study_name}: resuming with {finished} of {cfg.n_trials} trials finished")
-    return {**driver.run(), "cfg": ran}
+    return {**driver.run(), "cfg": ran, "counts_before": before}
 
 
 def main(argv=None):
@@ -386,14 +390,10 @@ def main(argv=None):
     cfg = result["cfg"]  # the config the study ran (init searched where it is), for the advice below
     for warning in getattr(result["outputs"], "warnings", ()):
         print(f"warning: {warning}", file=sys.stderr)
-    c = result["counts"]
-    failed = c["fail"] + c["retried"]
-    requeued = f" ({c['retried']} of them re-queued: interrupted, stale or disk full)" if c["retried"] else ""
-    print(f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {failed} failed{requeued} "
-          f"in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
+    print(outcome_line(cfg, result))
     if result["throughput"]["trials"]:
         print(throughput_line(result["throughput"]))
-    for line in (top_line(result.get("top_trials") or []), final_pick.pick_line(result.get("final_pick"))):
+    for line in (top_table(result.get("top_trials") or [], cfg), final_pick.pick_line(result.get("final_pick"))):
         if line:
             print(line)
     report_baselines(result.get("best_value"), result.get("baselines"), cfg, args.overrides)

@@ -86,6 +86,9 @@ def command_line(argv=None) -> tuple[TuneConfig, argparse.Namespace, str]:
     args = parser().parse_args(argv)
     if args.add_trials is not None and args.add_trials < 1:
         raise UserError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
+    if args.add_trials is not None and args.n_trials is not None:
+        raise UserError(f"--n-trials {args.n_trials} and --add-trials {args.add_trials}: give one (--n-trials: the "
+                        "study's total; --add-trials: that many more than it has finished)")
     config_path = _config_path(args.config, args.config_option)
     cfg = load_tune_config(config_path)
     overrides = {key: getattr(args, key) for key in OVERRIDES if getattr(args, key) is not None}

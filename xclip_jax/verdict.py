@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from xclip_jax.config import ConfigError
 from xclip_jax.errors import UserError, mask_secrets
 from xclip_jax.spec import CCA_HEADS, HeadSpec
 from xclip_jax.tune_config import INIT_LINE, trial_config
@@ -113,7 +114,8 @@ def trial_line(study, t) -> str:
             tail = f" Best is trial {best.number} with value: {best.value:.4f}."
         except ValueError:
             tail = ""
-        return f"Trial {t.number} finished with value: {t.value:.4f} and parameters: {t.params}.{tail}"
+        return (f"Trial {t.number} finished with value: {t.value:.4f} (validation R@1) and parameters: "
+                f"{t.params}.{tail}")
     if t.state == TrialState.PRUNED:
         last = max(t.intermediate_values) if t.intermediate_values else None
         return f"Trial {t.number} pruned at epoch {last}."
@@ -139,12 +141,44 @@ def top_trials(study, baselines=None, k: int = TOP_K) -> list[dict]:
              "over_best_baseline": None if top is None else t.value - top, "params": t.params} for t in complete]
 
 
-def top_line(top: list[dict]) -> str | None:
-    """The study's top trials in one line, e.g. ``top trials: #13 0.440, #19 0.420 (-0.020), …``."""
-    if len(top) < 2:
+def top_table(top: list[dict], cfg) -> str | None:
+    """The study's top trials as a short table of what they are (head, loss, widths, learning rate,
+    τ: the trial's full config, fixed values and defaults filled in) and their validation R@1, e.g.::
+
+        top trials (validation R@1; widths output/hidden; τ the initial temperature, ~ learned):
+          trial  value   gap     head  loss             widths  learning rate  τ
+          #13    0.4400          clip  softmax_infonce  256/512 3.2e-04        0.070~
+    """
+    if not top:
         return None
-    rest = ", ".join(f"#{t['number']} {t['value']:.3f} ({t['behind_best']:+.3f})" for t in top[1:])
-    return f"top trials: #{top[0]['number']} {top[0]['value']:.3f}, {rest}"
+    header = ("trial", "value", "gap", "head", "loss", "widths", "learning rate", "τ")
+    rows = [header]
+    for t in top:
+        try:
+            tc = trial_config(cfg, t["params"])
+        except (ConfigError, ValueError, KeyError):  # a trial of another space (an earlier config's): its values only
+            rows.append((f"#{t['number']}", f"{t['value']:.4f}", f"{t['behind_best']:+.3f}", str(t["params"])))
+            continue
+        m = tc.model
+        widths = f"{m.output_dim}/{m.hidden_dim or 'in÷2'}" if m.type in ("clip", "mlp") else str(m.output_dim)
+        rows.append((f"#{t['number']}", f"{t['value']:.4f}", f"{t['behind_best']:+.3f}" if t["behind_best"] else "",
+                     m.type, tc.loss.type, widths, f"{tc.training.learning_rate:.1e}",
+                     f"{tc.loss.temperature:.3f}{'~' if tc.loss.learnable_temp else ''}"))
+    width = [max(len(row[i]) for row in rows if len(row) == len(header)) for i in range(len(header))]
+    lines = ["  " + "  ".join(cell.ljust(w) if len(row) == len(header) else cell for cell, w in zip(row, width)).rstrip()
+             for row in rows]
+    return "\n".join(["top trials (validation R@1; widths output/hidden; τ the initial temperature, ~ learned):",
+                      *lines])
+
+
+def outcome_line(cfg, result: dict) -> str:
+    """The study's counts at its end: its complete, pruned and failed trials, the trials this run
+    stopped and queued again said once (the run that queued them), never again."""
+    c, before = result["counts"], result.get("counts_before") or {"retried": 0}
+    new = c["retried"] - before["retried"]
+    requeued = f" ({new} of them re-queued: interrupted, stale or disk full)" if new else ""
+    return (f"study {cfg.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail'] + new} failed"
+            f"{requeued} in {result['wall_seconds']:.1f} s; outputs in {cfg.output_dir}")
 
 
 def against_baselines(best_value: float, baselines) -> dict:
@@ -193,8 +227,11 @@ def next_step(cfg, config_path: str, result: dict, flags: dict | None = None) ->
         where = f"in {config_path}, "
         if _starts_from_cca(cfg) and "max_epochs" in flags:  # the change is the flag's
             flags["max_epochs"], where = 2 * cfg.max_epochs, ""
-        rerun = tune_command(config_path, flags)
-        rerun = f"{rerun} --add-trials {cfg.n_trials}" if same_study else f"{rerun} with a new study_name"
+        if same_study:  # --add-trials and --n-trials are one or the other
+            rerun = f"{tune_command(config_path, {k: v for k, v in flags.items() if k != 'n_trials'})} " \
+                    f"--add-trials {cfg.n_trials}"
+        else:
+            rerun = f"{tune_command(config_path, flags)} with a new study_name"
         return f"next: {where}{change}; then {rerun} (or train the best trial anyway: {train})"
     return f"next: {train}   (trains the best configuration on the full data, up to {cfg.final_epochs} epochs)"
 
@@ -203,4 +240,5 @@ def throughput_line(t: dict) -> str:
     """Where this run's time went: the useful fraction and what the rest was spent on."""
     return (f"useful fraction {t['useful_fraction']:.2f} (training {t['train_seconds']:.0f} s of {t['n_jobs']} x "
             f"{t['wall_seconds']:.0f} s; start-up {t['startup_seconds']:.0f} s, compile {t['compile_seconds']:.0f} s, "
-            f"evaluation {t['eval_seconds']:.0f} s over {t['trials']} trials)")
+            f"evaluation {t['eval_seconds']:.0f} s over {t['trials']} trials)"
+            + (f"; {t['rows_per_second']:,.0f} training rows/s" if t.get("rows_per_second") else ""))

@@ -25,6 +25,7 @@ from xclip_jax.data.loading import (
     cached_sources,
     cached_splits,
     load_sets,
+    no_test_set,
     read_cache,
     write_cache,
 )
@@ -49,7 +50,7 @@ def main(argv=None):
 __all__ = [
     "DEFAULT_NOISE", "DEFAULT_NONLINEARITY", "EXTENSIONS", "SPLITS", "EmbeddingSet", "IMAGE_SUFFIX", "METADATA_SUFFIX", "TEXT_SUFFIX", "cache_dir",
     "cached_sources", "cached_splits", "check_disjoint", "describe", "find_file", "from_rows", "load_embedding_set",
-    "load_named_set", "load_sets", "main", "read_array", "read_cache", "read_image_ids", "resolve_file", "save_set",
+    "load_named_set", "load_sets", "main", "no_test_set", "read_array", "read_cache", "read_image_ids", "resolve_file", "save_set",
     "source_line", "split_train_test", "synthesize", "synthetic_splits", "tuning_subset", "write_cache",
     "write_embedding_set",
 ]

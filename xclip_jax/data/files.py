@@ -1,6 +1,6 @@
 """Embedding files: finding them by one rule, reading .npy/.safetensors/.pt, writing .npy sets.
 
-A set named NAME in a data folder is three files (SPEC §1): ``NAME_image_embeddings.{npy,
+A set named NAME in a data folder is three files: ``NAME_image_embeddings.{npy,
 safetensors,pt}`` (float ``[rows, image_dim]``), ``NAME_text_embeddings.{…}`` (float ``[rows,
 text_dim]``) and ``NAME_metadata.json`` (``{"image_ids": [one id per row]}``). Rows with the same
 image id are captions of one image, so on disk the image array repeats each image once per caption.

@@ -1,8 +1,8 @@
 """The sets a config names, loaded and checked once; and the tuning driver's cache of them.
 
 The driver validates the data once and writes the de-duplicated sets as ``.npy`` files in a cache
-folder keyed by the data config (and the files' sizes and times); every trial process memory-maps
-them instead of re-reading and re-validating the files.
+folder named by the files' content (one copy per content, shared by the studies that read the same
+files); every trial process memory-maps them instead of re-reading and re-validating the files.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xclip_jax.data.files import load_embedding_set
+from xclip_jax.data.files import load_embedding_set, resolve_file
 from xclip_jax.data.sets import EmbeddingSet, check_disjoint, source_line
 from xclip_jax.data.synthetic import synthetic_splits
 from xclip_jax.errors import UserError
@@ -44,6 +44,8 @@ def load_sets(data_cfg, base_data_dir, splits=SPLITS, announce=print) -> dict[st
             paths = data_cfg.paths(split, base_data_dir)
             if paths is not None:
                 out[split] = load_embedding_set(*paths, name=split)
+    if not out:  # only splits the config names no files for (an optional test set)
+        return out
     ref_name, ref = next(iter(out.items()))
     for split, s in out.items():
         if (s.image_dim, s.text_dim) != (ref.image_dim, ref.text_dim):
@@ -57,16 +59,71 @@ def load_sets(data_cfg, base_data_dir, splits=SPLITS, announce=print) -> dict[st
     return out
 
 
+def no_test_set(data_cfg, base_data_dir) -> str | None:
+    """The line saying that a config names no test set (so no final test R@1 will exist), with the
+    command that makes one; None when it names one (or is synthetic, which always has one)."""
+    if data_cfg.synthetic is not None or data_cfg.paths("test", base_data_dir) is not None:
+        return None
+    return ("no test set: the config's data section names no test_* files, so no final test R@1 will be "
+            "measured (the number to hold against the baselines' before shipping a head); make one with "
+            "python -m xclip_jax.data split --source-dir DIR --source NAME and set data.test_image_embeddings, "
+            "test_text_embeddings and test_metadata to its test_* files")
+
+
 def cache_dir(data_cfg, base_data_dir, root: Path) -> Path:
-    """A folder under ``root`` keyed by the data config (and the files' sizes and times)."""
-    desc = json.dumps({"data": dataclasses.asdict(data_cfg), "base": str(Path(base_data_dir).absolute())},
-                      sort_keys=True, default=str)
-    for split in SPLITS:
-        for p in data_cfg.paths(split, base_data_dir) or ():
-            if p.exists():
-                st = p.stat()
-                desc += f"|{p}:{st.st_size}:{st.st_mtime_ns}"
+    """A folder under ``root`` named by the content of the sets it caches (content-addressed): the
+    synthetic section's values, or the SHA-256 of every file the data section reads (by the file
+    rule: a converted ``.npy`` wins). Studies that read the same files, whatever their configs call
+    them, share one copy; a changed file gets a new folder. A file is read for its hash once: the
+    hashes are kept by path, size and time in ``root/hashes.json``."""
+    if data_cfg.synthetic is not None:
+        desc = json.dumps({"synthetic": dataclasses.asdict(data_cfg.synthetic)}, sort_keys=True, default=str)
+    else:
+        memo = _Hashes(root / "hashes.json")
+        desc = "|".join(f"{split}:" + ",".join(memo.digest(path, by_rule=i < 2) for i, path in enumerate(paths))
+                        for split in SPLITS if (paths := data_cfg.paths(split, base_data_dir)) is not None)
+        memo.save()
     return root / hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+class _Hashes:
+    """SHA-256 of files, remembered by (resolved path, size, mtime) in a JSON file."""
+
+    def __init__(self, path: Path):
+        self.path, self.changed = path, False
+        try:
+            self.known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    def digest(self, named: Path, by_rule: bool) -> str:
+        """The hash of the file ``named`` reads (by the embedding files' rule where ``by_rule``)."""
+        try:
+            path = resolve_file(named) if by_rule else named
+        except UserError:  # loading it says what is wrong; nothing is cached for it
+            path = named
+        if not path.is_file():
+            return f"missing {path}"
+        st = path.stat()
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+        if self.known.get(key, [None])[:2] != stamp:
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    sha.update(chunk)
+            self.known[key], self.changed = [*stamp, sha.hexdigest()], True
+        return self.known[key][2]
+
+    def save(self) -> None:
+        """Keep the hashes, in a cache root that is there already (a config refused later leaves nothing)."""
+        if not self.changed or not self.path.parent.is_dir():
+            return
+        try:
+            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.known, indent=0))
+            tmp.replace(self.path)
+        except OSError:  # a read-only root: the hashes are computed again next time
+            pass
 
 
 def write_cache(sets: dict, directory: Path) -> None:
