@@ -101,13 +101,34 @@ def torch_linear(features: int, *, fan_in, rows=None, cols=None, live=True, use_
 def dropout(module: nn.Module, x, rate, train: bool, keep_shape=None):
     """Inverted dropout whose ``rate`` may be a traced scalar (unlike ``nn.Dropout``'s attribute).
 
-    ``keep_shape(key, keep) -> [B, D] bool`` draws the mask (default: one draw per entry of ``x``)."""
+    ``keep_shape(key, keep) -> [B, D] bool`` draws the mask (default: one draw per entry of ``x``).
+    A traced rate draws under a ``cond``: a member at rate 0 draws nothing (a bundle of one; in a
+    vmapped bundle the ``cond`` becomes a select and every member draws)."""
     if not train or (isinstance(rate, (int, float)) and rate == 0):
         return x
-    keep = 1.0 - rate
     key = module.make_rng("dropout")
-    mask = keep_shape(key, keep) if keep_shape else jax.random.bernoulli(key, keep, x.shape)
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+    def drop(x):
+        keep = 1.0 - rate
+        mask = keep_shape(key, keep) if keep_shape else jax.random.bernoulli(key, keep, x.shape)
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+    if isinstance(rate, (int, float)):
+        return drop(x)
+    return jax.lax.cond(rate > 0, drop, lambda x: x, x)
+
+
+def _per_unit(shape):
+    """One decision per entry of a [B, H] hidden layer, drawn as [H, B] and transposed: the first h
+    units' decisions are the same whatever H a program pads to (threefry counts over the flat index,
+    so an [H, B] draw's first h rows are the [h, B] draw), and a padded member drops what its
+    unpadded run drops."""
+    b, d = shape
+
+    def keep_shape(key, keep):
+        return jax.random.bernoulli(key, keep, (d, b)).T
+
+    return keep_shape
 
 
 def _per_head(shape, num_heads, max_heads):
@@ -208,7 +229,7 @@ class ClipHead(Head):
         w, in_dim = self._real(widths), x.shape[-1]
         h = torch_linear(self.hidden_dim, fan_in=in_dim, cols=w.hidden_dim, dtype=jnp.dtype(self.dtype))(x)
         h = jnp.where(_units(self.hidden_dim, w.hidden_dim), _gelu(h), 0.0)
-        h = dropout(self, h, self._rate(dropout_rate), train)
+        h = dropout(self, h, self._rate(dropout_rate), train, _per_unit(h.shape))
         z = self._out(h, w.hidden_dim, rows=w.hidden_dim, w=w)
         if self.final_norm:
             z = MaskedLayerNorm(name="LayerNorm_0")(z, w.output_dim)
