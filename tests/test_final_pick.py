@@ -49,8 +49,11 @@ def test_the_pick_is_the_best_mean_of_the_fresh_runs(tmp_path):
 def test_the_runs_are_planned_per_program_key_with_fresh_seeds(tmp_path):
     cfg = load_tune_config(write(tmp_path, final_pick="rerun", final_pick_trials=3, final_pick_seeds=2))
     study = _study([0.48, 0.50, 0.47], heads=["clip", "siglip", "clip"])
-    jobs = final_pick.plan(study, cfg, (16, 24))
+    jobs = final_pick.plan(study, cfg, (16, 24), members=lambda key: 4)
     assert sorted(sorted(n for n, _ in job) for job in jobs) == [[0, 0, 2, 2], [1, 1]]  # clip apart from siglip
+    # bundles of at most the plan's member count per program: one member each by default
+    assert sorted(len(job) for job in final_pick.plan(study, cfg, (16, 24), members=lambda key: 3)) == [1, 2, 3]
+    assert [len(job) for job in final_pick.plan(study, cfg, (16, 24))] == [1] * 6
     seeds = [seed for job in jobs for _, seed in job]
     own = {trial_config(cfg, t.params, trial_number=t.number).seed for t in study.trials}
     assert len(set(seeds)) == 6 and not set(seeds) & own

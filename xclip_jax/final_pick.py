@@ -3,7 +3,7 @@
 ``final_pick: best`` hands over the trial with the best validation R@1, one run of one seed, whose
 neighbours are often within that seed's noise of it. ``final_pick: rerun`` trains the top
 ``final_pick_trials`` complete trials again with ``final_pick_seeds`` fresh seeds each (runs of
-one program key train as one bundle) and hands over the one whose fresh runs have the best mean:
+one program key train in bundles of the memory plan's member count) and hands over the one whose fresh runs have the best mean:
 a configuration that is good, not a run that was lucky. Every candidate's figures are kept with
 the study (``FINAL_PICK_ATTR``) and written to ``best_results.json``. Plain Python (no jax): the
 driver plans the runs and reads their results; a runner trains them (``Runner.run_reruns``).
@@ -38,17 +38,19 @@ def rerun_seed(seed: int, number: int, run: int) -> int:
     return int(np.random.SeedSequence([key_seed(seed), number, run + 1, 7]).generate_state(1)[0])
 
 
-def plan(study: optuna.Study, cfg: TuneConfig, dims: tuple[int, int]) -> list[list[list[int]]]:
-    """The final pick's runs as jobs: ``[[[trial number, seed], ...], ...]``, one job per program key
-    (its members train as one bundle); none unless ``final_pick: rerun`` and two trials completed."""
+def plan(study: optuna.Study, cfg: TuneConfig, dims: tuple[int, int], members=None) -> list[list[list[int]]]:
+    """The final pick's runs as jobs: ``[[[trial number, seed], ...], ...]``, the runs of one program
+    key in bundles of at most ``members(key)`` (the memory plan's: ``Plan.members``; default one);
+    none unless ``final_pick: rerun`` and two trials completed."""
     if cfg.final_pick != "rerun":
         return []
-    buckets, jobs = study_buckets(cfg), {}
+    buckets, runs = study_buckets(cfg), {}
     for t in candidates(study, cfg):
         key = program_key(RunSpec.of(trial_config(cfg, t.params), *dims), buckets)
-        jobs.setdefault(key, []).extend([t.number, rerun_seed(cfg.sampler.seed, t.number, i)]
+        runs.setdefault(key, []).extend([t.number, rerun_seed(cfg.sampler.seed, t.number, i)]
                                         for i in range(cfg.final_pick_seeds))
-    return list(jobs.values())
+    size = {key: max(1, members(key) if members else 1) for key in runs}
+    return [key_runs[i:i + size[key]] for key, key_runs in runs.items() for i in range(0, len(key_runs), size[key])]
 
 
 def record(study: optuna.Study, cfg: TuneConfig, runs: list[dict], seconds: float = 0.0) -> dict | None:
@@ -99,12 +101,13 @@ def pick_line(pick: dict | None) -> str | None:
             f"runs; {tail})")
 
 
-def run(pool, study: optuna.Study, cfg: TuneConfig, dims: tuple[int, int], logs, stop: list, say) -> dict | None:
-    """The final pick's runs on the driver's pool (one job per program key, as the pool has room) and
+def run(pool, study: optuna.Study, cfg: TuneConfig, dims: tuple[int, int], logs, stop: list, say,
+        members=None) -> dict | None:
+    """The final pick's runs on the driver's pool (one job per bundle of ``plan``, as the pool has room) and
     the pick recorded with the study. A lost job's runs count as failed; a non-empty ``stop`` (Ctrl-C)
     raises KeyboardInterrupt, and the study keeps its best-value pick."""
     start = time.perf_counter()
-    jobs = [(f"final_pick_{i}", members) for i, members in enumerate(plan(study, cfg, dims))]
+    jobs = [(f"final_pick_{i}", runs) for i, runs in enumerate(plan(study, cfg, dims, members))]
     if not jobs:
         return None
     runs, pending = [], {}
@@ -114,15 +117,15 @@ def run(pool, study: optuna.Study, cfg: TuneConfig, dims: tuple[int, int], logs,
         if stop:
             raise KeyboardInterrupt
         while jobs and pool.has_room():
-            name, members = jobs.pop(0)
-            pending[name] = members
-            pool.submit(name, {"rerun": members}, logs / f"{name}.log")
+            name, bundle = jobs.pop(0)
+            pending[name] = bundle
+            pool.submit(name, {"rerun": bundle}, logs / f"{name}.log")
         for event in pool.poll():
-            members = pending.pop(event.job, None)
-            if members is not None and event.kind == "done":
+            bundle = pending.pop(event.job, None)
+            if bundle is not None and event.kind == "done":
                 runs += event.result.get("reruns", [])
-            elif members is not None:
-                say(f"final pick: the runs of trials {sorted({n for n, _ in members})} were lost ({event.reason}); "
+            elif bundle is not None:
+                say(f"final pick: the runs of trials {sorted({n for n, _ in bundle})} were lost ({event.reason}); "
                     "they count as failed")
         time.sleep(0.2)
     return record(study, cfg, runs, time.perf_counter() - start)

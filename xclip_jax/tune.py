@@ -317,7 +317,7 @@ class Driver:
         """``final_pick: rerun``: the top trials trained again with fresh seeds (``final_pick.run``)."""
         from tqdm.auto import tqdm
 
-        final_pick.run(self.pool, self.study, self.cfg, self.dims, self.logs, stop, tqdm.write)
+        final_pick.run(self.pool, self.study, self.cfg, self.dims, self.logs, stop, tqdm.write, self.plan.members)
 
     def _finish(self, start: float, interrupted: bool) -> dict:
         from xclip_jax.report import write_outputs
