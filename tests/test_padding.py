@@ -133,3 +133,20 @@ def test_buckets():
         _spec("siglip", "softmax_infonce", hidden=40, layers=3, queue=200))
     with pytest.raises(ValueError, match="padding must be one of"):
         Buckets("largest")
+
+
+@pytest.mark.parametrize("head", ["clip", "mlp"])
+def test_a_default_hidden_width_is_each_sides_own_half_padded_or_not(sets, head):
+    """``hidden_dim`` None is in_dim // 2 on each side: image 12 -> 6, text 16 -> 8. A padded member
+    trains as its unpadded run, and both hand over heads of those widths (what a checkpoint stores
+    and export writes)."""
+    spec = _spec(head, "softmax_infonce", hidden=None)
+    key = program_key(spec, WIDE)
+    assert key.hidden == (40, 40) and program_key(spec).hidden == (DI // 2, DT // 2)
+    _, (padded,) = _train([spec], key, sets)
+    alone = _alone(spec, 10, sets)
+    _same_run(padded, alone)
+    for fs in (padded, alone):
+        assert fs.best_params["image"]["Dense_0"]["kernel"].shape == (DI, DI // 2)
+        assert fs.best_params["text"]["Dense_0"]["kernel"].shape == (DT, DT // 2)
+        assert fs.best_params["text"]["Dense_1"]["kernel"].shape == (DT // 2, 8)
