@@ -199,7 +199,7 @@ def settings_line(cfg: TrainConfig, image_dim: int, text_dim: int) -> str:
             if f.name == "type" or f.name in unused_fields(spec) or (f.name == "init" and spec.type not in CCA_HEADS):
                 continue
             if f.name == "hidden_dim" and value is None:  # as in the original: half of each input dim
-                value = f"{image_dim // 2}/{text_dim // 2} (half of each input dim)"
+                value = f"{spec.hidden_width(image_dim)}/{spec.hidden_width(text_dim)} (half of each input dim)"
             elif isinstance(value, bool):
                 value = str(value).lower()  # as YAML writes it
             said.append(f"{f.name} {value:g}" if isinstance(value, float) else f"{f.name} {value}")

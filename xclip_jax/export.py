@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from xclip_jax.errors import UserError, cli, exception_line, install_hint
+from xclip_jax.spec import hidden_width
 
 FORMATS = ("torch", "safetensors", "npz")
 SUFFIX = {"torch": ".pt", "safetensors": ".safetensors", "npz": ".npz"}
@@ -102,8 +103,9 @@ def original_config(config: dict, image_dim: int, text_dim: int) -> dict:
     ``hidden_dim: null`` (in_dim // 2 per side) gets the number when both sides agree, else stays null.
     """
     model = {key: config["model"][key] for key in MODEL_KEYS}
-    if model["type"] == "mlp" and model["hidden_dim"] is None and image_dim // 2 == text_dim // 2:
-        model["hidden_dim"] = image_dim // 2
+    widths = {hidden_width(None, image_dim), hidden_width(None, text_dim)}
+    if model["type"] == "mlp" and model["hidden_dim"] is None and len(widths) == 1:
+        model["hidden_dim"] = widths.pop()
     loss = config["loss"]
     data = {key: value for key, value in (config.get("data") or {}).items() if key != "synthetic" and value}
     return {**{key: config[key] for key in ("experiment_name", "output_dir", "seed", "device", "base_data_dir")},
@@ -219,8 +221,8 @@ def export_heads(checkpoint, fmt: str = "torch", out=None, force: bool = False) 
                         "export it with --format safetensors (or npz)")
     states, header = exported_tensors(heads)
     if fmt == "torch" and model.type == "mlp" and header["config"]["model"]["hidden_dim"] is None:
-        raise UserError(f"mlp head with hidden_dim null has hidden widths {heads.image_dim // 2} (image) and "
-                        f"{heads.text_dim // 2} (text); the original's mlp takes one hidden_dim for both, so "
+        raise UserError(f"mlp head with hidden_dim null has hidden widths {model.hidden_width(heads.image_dim)} (image) "
+                        f"and {model.hidden_width(heads.text_dim)} (text); the original's mlp takes one hidden_dim for both, so "
                         "export it with --format safetensors (or npz)")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a write cut short leaves no half file under the name

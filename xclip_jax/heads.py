@@ -312,7 +312,7 @@ def make_head(spec: HeadSpec, in_dim: int, dtype: str = "float32") -> Head:
         raise ValueError(
             f"attention head: input dim {in_dim} is not divisible by num_heads={spec.num_heads}; "
             "choose num_heads that divides both input dims")
-    return build_head(spec.type, output_dim=spec.output_dim, hidden_dim=spec.hidden_dim or in_dim // 2,
+    return build_head(spec.type, output_dim=spec.output_dim, hidden_dim=spec.hidden_width(in_dim),
                       num_layers=spec.num_layers, num_heads=spec.num_heads, dropout=spec.dropout, dtype=dtype)
 
 

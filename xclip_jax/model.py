@@ -60,9 +60,8 @@ def hparams(spec: RunSpec, seed: int) -> HParams:
                    learnable_bias=b(loss.type == "sigmoid_infonce" and loss.learnable_bias),
                    sigmoid_per_batch=b(loss.sigmoid_normalize == "batch"),
                    mask_batch_duplicates=b(loss.mask_batch_duplicates), output_dim=i(head.output_dim),
-                   hidden_image=i(head.hidden_dim or spec.image_dim // 2),
-                   hidden_text=i(head.hidden_dim or spec.text_dim // 2), num_layers=i(head.num_layers),
-                   num_heads=i(head.num_heads), queue_size=i(loss.queue_size))
+                   hidden_image=i(head.hidden_width(spec.image_dim)), hidden_text=i(head.hidden_width(spec.text_dim)),
+                   num_layers=i(head.num_layers), num_heads=i(head.num_heads), queue_size=i(loss.queue_size))
 
 
 def stack(trees: list):

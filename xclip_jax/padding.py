@@ -24,7 +24,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from xclip_jax.spec import ProgramKey, RunSpec
+from xclip_jax.spec import ProgramKey, RunSpec, hidden_width
 
 PADDINGS = ("exact", "pow2", "max")
 # The padding of a study on a CPU when its config says auto: padded FLOPs cost a CPU what a compile
@@ -64,7 +64,7 @@ class Buckets:
         """The bucket of ``value`` for ``field`` (a hidden width of None is ``in_dim // 2``)."""
         values = dict(self.sizes).get(field, (value,))
         if field == "hidden_dim":
-            values = [v or in_dim // 2 for v in values]
+            values = [hidden_width(v, in_dim) for v in values]
         return bucket(value, values, self.policy)
 
     def most(self, field: str, value: int) -> int:
@@ -78,7 +78,7 @@ class Buckets:
         values = dict(self.sizes).get(field, ())
         if field != "hidden_dim":
             return len({self.pad(field, v) for v in values}) > 1
-        return any(len({self.pad(field, v or d // 2, d) for v in values}) > 1 for d in dims)
+        return any(len({self.pad(field, hidden_width(v, d), d) for v in values}) > 1 for d in dims)
 
 
 EXACT = Buckets()
@@ -89,7 +89,7 @@ def program_key(spec: RunSpec, buckets: Buckets = EXACT) -> ProgramKey:
     own sizes). Widths a head or loss does not have are 0."""
     head, loss, training = spec.head, spec.loss, spec.training
     dims = (spec.image_dim, spec.text_dim)
-    hidden = (tuple(buckets.pad("hidden_dim", head.hidden_dim or d // 2, d) for d in dims)
+    hidden = (tuple(buckets.pad("hidden_dim", head.hidden_width(d), d) for d in dims)
               if head.type in ("clip", "mlp") else (0, 0))
     return ProgramKey(head=head.type, image_dim=spec.image_dim, text_dim=spec.text_dim,
                       output_dim=buckets.pad("output_dim", head.output_dim), hidden=hidden,

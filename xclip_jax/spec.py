@@ -91,6 +91,16 @@ class HeadSpec:
         _check(self.num_layers > 0, "num_layers must be > 0")
         _check(self.init in HEAD_INITS, f"init must be one of {', '.join(HEAD_INITS)}, got {self.init!r}")
 
+    def hidden_width(self, in_dim: int) -> int:
+        """The hidden width of the side whose inputs have ``in_dim`` dims: ``hidden_dim``, or half the
+        input (the original's rule, decided here only)."""
+        return hidden_width(self.hidden_dim, in_dim)
+
+
+def hidden_width(hidden_dim: int | None, in_dim: int) -> int:
+    """A hidden width as ``HeadSpec.hidden_dim`` gives it (None: ``in_dim // 2``)."""
+    return hidden_dim or in_dim // 2
+
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
