@@ -29,7 +29,7 @@ def test_a_failed_compile_reaches_the_waiting_thread_as_its_own_error():
 
     owner = threading.Thread(target=get, args=("owner",))  # e.g. the compile-ahead thread
     owner.start()
-    while not programs._pending:
+    while not programs._compiled:  # the owner's compile is in progress
         time.sleep(0.01)
     waiter = threading.Thread(target=get, args=("waiter",))  # the trial that needs the same program
     waiter.start()
@@ -39,7 +39,7 @@ def test_a_failed_compile_reaches_the_waiting_thread_as_its_own_error():
     waiter.join(10)
     assert isinstance(errors["waiter"], ValueError) and "RESOURCE_EXHAUSTED" in str(errors["waiter"])
     assert isinstance(errors["owner"], ValueError)
-    assert not programs._pending
+    assert not programs._compiled  # the failed compile is not kept
     with pytest.raises(ValueError, match="RESOURCE_EXHAUSTED"):  # a later call tries again, and meets it
         programs._get(("epoch", "same key"), lambda: lower(), fast=False)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 
 import jax
 
@@ -38,15 +39,6 @@ def _shape_key(tree) -> tuple:
     return treedef, tuple((x.shape, str(x.dtype), x.weak_type) for x in leaves)
 
 
-class _Compiling:
-    """A compile in progress: the threads that need the same program wait for it, and get its error
-    when it fails (the owner may be a thread that compiles ahead and reports to no one)."""
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-
 class Programs:
     """The compiled programs of training (state init, epoch, evaluation, params copy), compiled ahead
     of time, keyed on static shapes only, and kept: a warm trial runner compiles nothing for a trial
@@ -58,8 +50,7 @@ class Programs:
     def __init__(self, fast_compile: bool | None = None):
         from jax import monitoring
 
-        self._compiled: dict = {}
-        self._pending: dict[tuple, _Compiling] = {}
+        self._compiled: dict[tuple, Future] = {}  # a compile in progress too: who needs it waits
         self._lock = threading.Lock()
         # Per thread: a runner's main thread trains one trial while another thread compiles the next.
         self._counts = threading.local()
@@ -96,36 +87,23 @@ class Programs:
 
     def _get(self, key, lower, fast: bool):
         with self._lock:
-            if key in self._compiled:
-                return self._compiled[key]
-            compiling = self._pending.get(key)
-            owner = compiling is None
+            future = self._compiled.get(key)
+            owner = future is None
             if owner:
-                compiling = self._pending[key] = _Compiling()
-        if not owner:  # another thread compiles it right now: its program, or its error
-            compiling.done.wait()
-            if compiling.error is not None:
-                raise compiling.error
-            return self._compiled[key]
-        try:
-            t0 = time.perf_counter()
-            options = FAST_COMPILE if fast and self.fast_compile else None
+                future = self._compiled[key] = Future()
+        if owner:  # else another thread compiles it (or did): its program, or its error
+            t0, options = time.perf_counter(), FAST_COMPILE if fast and self.fast_compile else None
             self._counts.compiling = True
             try:
-                compiled = lower().compile(compiler_options=options)
+                future.set_result(lower().compile(compiler_options=options))
+                self._count(compiled=1, seconds=time.perf_counter() - t0)
+            except BaseException as e:
+                with self._lock:
+                    del self._compiled[key]  # a later call compiles it again
+                future.set_exception(e)
             finally:
                 self._counts.compiling = False
-            with self._lock:
-                self._compiled[key] = compiled
-            self._count(compiled=1, seconds=time.perf_counter() - t0)
-            return compiled
-        except BaseException as e:
-            compiling.error = e
-            raise
-        finally:
-            with self._lock:
-                del self._pending[key]
-            compiling.done.set()
+        return future.result()
 
     def init_fn(self, key: ProgramKey, members: int):
         """The initialisation of ``members`` members of ``key``'s heads: ``init_fn(hp_K)`` gives
