@@ -14,9 +14,9 @@ Initialisation follows PyTorch's defaults (``nn.Linear``: weights and bias unifo
 ±1/sqrt(fan_in) of the *real* fan-in; ``nn.MultiheadAttention``: Xavier-uniform input projection,
 zero biases), drawn so that a weight's value does not depend on the padding around it: a kernel is
 drawn column by column (each output unit's key folded from the layer's), so its real block is what
-the unpadded head draws. Dropout on a padded hidden layer draws one decision per padded unit (its
-real units keep each with the same probability; drawing them unit by unit to match the unpadded
-draws exactly cost a CPU epoch about a tenth more: benchmarks/RESULTS.md). GELU is the exact (erf) form and LayerNorm's eps is 1e-5, both as PyTorch;
+the unpadded head draws. Dropout on a hidden layer draws [H, B] and transposes it: the first h
+rows of that draw are the [h, B] draw, so a padded member drops what its unpadded run drops. GELU is
+the exact (erf) form and LayerNorm's eps is 1e-5, both as PyTorch;
 LayerNorm takes two-pass statistics (over the real units only, where the width is padded).
 """
 

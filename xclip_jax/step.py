@@ -113,7 +113,8 @@ def _init_member(key: ProgramKey, hp: HParams):
 
 def for_members(fn, mapped: tuple[bool, ...]):
     """``fn`` over the leading member axis of the arguments flagged in ``mapped`` (a ``vmap``; one
-    member runs ``fn`` itself, its axis dropped and put back)."""
+    member runs ``fn`` itself, its axis dropped and put back: its values are then unbatched, so a
+    ``cond`` on them, as dropout's on its rate, branches instead of computing both sides)."""
     def run(*args):
         size = count(next(a for a, m in zip(args, mapped) if m))
         if size > 1:
