@@ -40,7 +40,7 @@ def _encode(key: ProgramKey, side: str, params, x):
 def encode(spec: RunSpec, side: str, params, x) -> jax.Array:
     """Project ``x`` with the ``side`` ("image"/"text") head of ``spec`` (its real widths, as a
     checkpoint holds them), in fixed-size chunks (one program)."""
-    return _encode(program_key(spec).heads(), side, params, jnp.asarray(x, jnp.float32))
+    return _encode(program_key(spec).heads_key(), side, params, jnp.asarray(x, jnp.float32))
 
 
 def project(params, spec: RunSpec, data: DeviceData) -> tuple[jax.Array, jax.Array]:

@@ -88,22 +88,23 @@ def make_pair(key: ProgramKey) -> tuple[Head, Head]:
                             num_heads=max(key.num_heads, 1), dtype=key.dtype) for hidden in key.hidden)
 
 
-def init_heads(key: ProgramKey, hp: HParams, rng: jax.Array) -> dict:
+def init_heads(program: ProgramKey, hp: HParams, rng: jax.Array) -> dict:
     """Fresh parameters ``{"image": …, "text": …}`` of one member: drawn at its real widths, zero in
     the padding around them."""
     k_img, k_txt = jax.random.split(rng)
     params = {}
-    for side, head, k, dim in zip(("image", "text"), make_pair(key), (k_img, k_txt), (key.image_dim, key.text_dim)):
+    dims = (program.image_dim, program.text_dim)
+    for side, head, k, dim in zip(("image", "text"), make_pair(program), (k_img, k_txt), dims):
         params[side] = head.init(k, jnp.zeros((1, dim), jnp.float32), hp.widths(side))["params"]
     return params
 
 
-def apply_heads(key: ProgramKey, hp: HParams, params: dict, image, text, *, rng=None):
+def apply_heads(program: ProgramKey, hp: HParams, params: dict, image, text, *, rng=None):
     """Both heads' outputs (L2-normalised, zero past the real output width); with ``rng``, in training
     mode (dropout at the member's rate, one key per head)."""
     out = []
     keys = jax.random.split(rng) if rng is not None else (None, None)
-    for side, head, x, k in zip(("image", "text"), make_pair(key), (image, text), keys):
+    for side, head, x, k in zip(("image", "text"), make_pair(program), (image, text), keys):
         train = {"train": True, "dropout_rate": hp.dropout, "rngs": {"dropout": k}} if k is not None else {}
         out.append(head.apply({"params": params[side]}, x, hp.widths(side), **train))
     return tuple(out)
@@ -128,7 +129,7 @@ def param_shapes(key: ProgramKey) -> dict:
     def init(rng):
         widths = Widths(key.output_dim, 0, key.num_layers, 1)
         return {side: head.init(rng, jnp.zeros((1, dim), jnp.float32), widths._replace(hidden_dim=hidden))["params"]
-                for side, head, dim, hidden in zip(("image", "text"), make_pair(key.init()),
+                for side, head, dim, hidden in zip(("image", "text"), make_pair(key.init_key()),
                                                     (key.image_dim, key.text_dim), key.hidden)}
 
     return jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -142,4 +143,4 @@ def unpad(params: dict, key: ProgramKey) -> dict:
             return {name: cut(tree[name], sub) for name, sub in shapes.items()}
         return tree[tuple(slice(0, n) for n in shapes.shape)]
 
-    return cut({"image": params["image"], "text": params["text"]}, param_shapes(key.init()))
+    return cut({"image": params["image"], "text": params["text"]}, param_shapes(key.init_key()))

@@ -108,7 +108,7 @@ class Programs:
     def init_fn(self, key: ProgramKey, members: int):
         """The initialisation of ``members`` members of ``key``'s heads: ``init_fn(hp_K)`` gives
         ``(params, opt_state, rng)`` for ``step.fresh_states``."""
-        init = key.init()
+        init = key.init_key()
         hp = _abstract(_example_hparams(members))
         return self._get(("init", init, members), lambda: _init_program.lower(init, hp), fast=True)
 
@@ -121,7 +121,7 @@ class Programs:
     def eval_fn(self, key: ProgramKey, members: int, data: DeviceData, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """The validation of ``members`` members of ``key``'s heads on ``data``: ``eval_fn(params_K, hp_K,
         data)``, its outputs fetched and read with ``encode.member_metrics``."""
-        heads = key.heads()  # it depends on the heads alone, not on the loss or the optimiser
+        heads = key.heads_key()  # it depends on the heads alone, not on the loss or the optimiser
         states = jax.eval_shape(lambda: fresh_states(key, _example_hparams(members)))
         return self._get(("eval", heads, members, chunk_size, _shape_key(data)),
                          lambda: evaluate_members.lower(heads, states.params, states.hp, _abstract(data),

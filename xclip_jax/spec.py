@@ -215,7 +215,7 @@ class ProgramKey:
     """What a compiled program is built for, and nothing else: the head and loss types, the data's
     dims, the dtype, the batch size and the static widths, which may be padded (``padding``): a
     trial's real widths are data. A width the head or loss does not have is 0; a key for the heads
-    alone (:meth:`heads`) has no loss and no batch.
+    alone (:meth:`heads_key`) has no loss and no batch.
 
     Attributes:
       head, loss: the types. image_dim, text_dim: the inputs.
@@ -237,10 +237,10 @@ class ProgramKey:
     queue_size: int = 0
     batch_size: int = 0
 
-    def heads(self) -> ProgramKey:
+    def heads_key(self) -> ProgramKey:
         """The key as far as the heads go: what encoding and evaluation are built for."""
         return dataclasses.replace(self, loss="", queue_size=0, batch_size=0)
 
-    def init(self) -> ProgramKey:
+    def init_key(self) -> ProgramKey:
         """What the heads' initialisation is built for (params are float32 whatever the dtype)."""
-        return dataclasses.replace(self.heads(), dtype="float32")
+        return dataclasses.replace(self.heads_key(), dtype="float32")

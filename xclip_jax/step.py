@@ -134,7 +134,7 @@ def fresh_states(key: ProgramKey, hp_K: HParams, init_fn=None) -> TrainState:
     initialised heads, loss params, optimizer state, empty queue. ``init_fn(hp_K)`` is the compiled
     initialisation (``Programs.init_fn``; default: jitted here)."""
     size = count(hp_K)
-    params, opt_state, rng = (init_fn or (lambda hp: _init_program(key.init(), hp)))(hp_K)
+    params, opt_state, rng = (init_fn or (lambda hp: _init_program(key.init_key(), hp)))(hp_K)
     queue = (losses.QueueState(*jax.device_put(losses.empty_queue(key.queue_size, key.output_dim, size)))
              if key.loss == "queue_infonce" else None)
     return TrainState(step=jax.device_put(np.zeros(size, np.int32)), params=params, opt_state=opt_state,
